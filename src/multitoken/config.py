@@ -212,7 +212,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_none and type(None) in args:
             return None
-        for arg in args:
+        # A bracketed string ("[1, 0.5]") or a YAML list means the list alternative.
+        listy = isinstance(value, list) or (isinstance(value, str) and value.strip().startswith("["))
+        ordered = sorted(args, key=lambda a: typing.get_origin(a) is not list) if listy else args
+        for arg in ordered:
             if arg is type(None):
                 continue
             try:

@@ -1,0 +1,30 @@
+# One command sets up and runs the main job (make demo); one sets up and runs the tests (make test).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup demo test lint clean-cache
+
+setup: $(VENV)/.installed
+
+# torch is installed first, pinned, so that pip never resolves a plain `torch` requirement to a
+# multi-GB CUDA build; an environment that already has torch >= 2.13 keeps it.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch, sys; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 13))" 2>/dev/null \
+		|| $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/multitoken train --config configs/demo.yaml --out $(DEMO_DIR)
+	$(BIN)/multitoken bench decode --checkpoint $(DEMO_DIR) --prompts 4 --prompt-len 64 --new-tokens 96 --png $(DEMO_DIR)/decode.png
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests

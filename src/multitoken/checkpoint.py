@@ -1,0 +1,207 @@
+"""Checkpoints: safetensors weights + JSON config + tokenizer (+ training state), written atomically.
+
+Layout of a checkpoint directory (what `load_checkpoint` reads):
+
+    config.json          {"format": "multitoken/1", "model": {...}, "run": {...}, "step": N, ...}
+    model.safetensors    the weights, Llama-style names (see docs/weights.md)
+    tokenizer/           tokenizer.json (+ meta), see multitoken.tokenizer
+    train_state.pt       optional: optimizer, schedule, data position (torch.save of tensors and
+                         plain containers only, so it loads with weights_only=True)
+    calibration.json     optional: written by `multitoken calibrate`
+
+Atomicity: a new checkpoint is written to `<dir>.tmp`, then the old one is renamed to `<dir>.old`,
+the new one renamed into place, and `<dir>.old` deleted. At every instant one complete
+checkpoint exists under `<dir>` or `<dir>.old`; `find_checkpoint` recovers the latter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from multitoken.config import ModelConfig, from_dict
+from multitoken.errors import CheckpointError, ConfigError
+from multitoken.model import MultiTokenModel
+
+FORMAT = "multitoken/1"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer"
+TRAIN_STATE = "train_state.pt"
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a run directory holding `checkpoint/`.
+
+    Falls back to `<dir>.old` when a save was interrupted between its two renames.
+    """
+    p = Path(path)
+    for cand in (p, p / "checkpoint"):
+        if (cand / CONFIG).is_file():
+            return cand
+        old = cand.with_name(cand.name + ".old")
+        if (old / CONFIG).is_file() and not cand.exists():
+            return old
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    raise CheckpointError(f"{p} is not a checkpoint: no {CONFIG} in it or in {p / 'checkpoint'}")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(directory: str | Path, model: MultiTokenModel, tokenizer: Any | None = None, *,
+                    run_config: dict[str, Any] | None = None, step: int | None = None,
+                    train_state: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint to `directory`, replacing any previous one atomically.
+
+    `state_dict` overrides `model.state_dict()` (e.g. a consolidated state dict from FSDP).
+    """
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + ".tmp")
+    old = final.with_name(final.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    if model.cfg.tie_embeddings:  # safetensors refuses shared storage; the tie is in the config
+        tensors.pop("output.weight", None)
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    meta: dict[str, Any] = {"format": FORMAT, "model": model.cfg.__dict__.copy(),
+                            "run": run_config or {}, "step": step}
+    if tokenizer is not None:
+        tokenizer.save(tmp / TOKENIZER)
+        meta["tokenizer"] = {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+                             "fingerprint": tokenizer.fingerprint()}
+    meta.update(extra or {})
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    # Carry over calibration results made for the same weights' shape, if any.
+    if (final / "calibration.json").is_file():
+        shutil.copy2(final / "calibration.json", tmp / "calibration.json")
+    _write_json(tmp / CONFIG, meta)  # last: a directory with config.json is complete
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    ckpt = find_checkpoint(path)
+    try:
+        meta = json.loads((ckpt / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {ckpt / CONFIG}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / CONFIG}: unknown checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def model_config_from(meta: dict[str, Any], where: Path | str) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, meta["model"], prefix="model.")
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{where}: invalid model config in checkpoint: {e}") from None
+
+
+def load_weights(path: Path, model: MultiTokenModel, *, strict: bool = True) -> None:
+    """Load safetensors weights into `model`, with a clear error for any mismatch."""
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file: {path}")
+    try:
+        tensors = load_file(str(path), device=str(model.tok_embeddings.weight.device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt or truncated weights file {path}: {e}") from None
+    expected = model.state_dict()
+    if model.cfg.tie_embeddings:
+        expected.pop("output.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"weights in {path} do not match the config: missing {missing[:4]}"
+            f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+            f"{'...' if len(unexpected) > 4 else ''}")
+    for name, t in tensors.items():
+        if name in expected and expected[name].shape != t.shape:
+            raise CheckpointError(
+                f"weights in {path} do not match the config: {name} has shape "
+                f"{tuple(t.shape)}, the config implies {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[MultiTokenModel, Any]:
+    """Load (model, tokenizer) from a checkpoint directory (or a run directory holding one)."""
+    from multitoken.tokenizer import load_tokenizer
+
+    ckpt = find_checkpoint(path)
+    meta = read_config(ckpt)
+    cfg = model_config_from(meta, ckpt / CONFIG)
+    with torch.device(device):
+        model = MultiTokenModel(cfg)
+    load_weights(ckpt / WEIGHTS, model)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    tok_dir = ckpt / TOKENIZER
+    if not tok_dir.exists():
+        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer/ directory")
+    tokenizer = load_tokenizer(tok_dir)
+    check_tokenizer(tokenizer, cfg, meta.get("tokenizer"), ckpt)
+    return model, tokenizer
+
+
+def check_tokenizer(tokenizer: Any, cfg: ModelConfig, recorded: dict[str, Any] | None,
+                    where: Path | str) -> None:
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise CheckpointError(
+            f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{cfg.vocab_size}")
+    if recorded and recorded.get("fingerprint") not in (None, tokenizer.fingerprint()):
+        raise CheckpointError(f"{where}: tokenizer does not match the one the model was trained with")
+
+
+def load_train_state(path: str | Path) -> dict[str, Any] | None:
+    f = find_checkpoint(path) / TRAIN_STATE
+    if not f.is_file():
+        return None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"corrupt training state {f}: {e}".splitlines()[0]) from None

@@ -1,0 +1,177 @@
+"""`multitoken` command line: train, eval, generate, calibrate, bench.
+
+Configuration flags are the dataclass fields themselves: `--model.n_future=2` or
+`--model.n_future 2`, applied on top of `--config recipe.yaml`, strictly (unknown keys fail).
+User errors print one line (`error: ...`) and exit with status 2; set MULTITOKEN_DEBUG=1 for
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from multitoken.errors import ConfigError, MultitokenError
+
+BENCHES = {
+    "train-memory": "multitoken.bench.train_memory",
+    "train-speed": "multitoken.bench.train_speed",
+    "decode": "multitoken.bench.decode",
+}
+
+
+def _split_overrides(rest: list[str]) -> list[str]:
+    """['--model.dim=64', '--train.steps', '5'] -> ['model.dim=64', 'train.steps=5']."""
+    out: list[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {arg!r} (config overrides look like "
+                              "--section.key=value)")
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            out.append(f"{arg[2:]}={rest[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"override {arg!r} needs a value")
+    return out
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="multitoken train", description=(
+        "Train a multi-token prediction model. Any config field can be overridden with "
+        "--section.key=value (see configs/*.yaml and multitoken/config.py)."))
+    p.add_argument("--config", help="YAML recipe (e.g. configs/demo.yaml)")
+    p.add_argument("--out", help="run directory (default: a new folder under runs/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
+                   help="print a sample generation at the end")
+    args, rest = p.parse_known_args(argv)
+    from multitoken.config import load_run_config
+    from multitoken.train import train
+
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out DIR (the run to continue)")
+    cfg = load_run_config(args.config, _split_overrides(rest))
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print("\nvalidation per head:")
+    print(f"{'head':>6} {'predicts':>9} {'loss':>8} {'top-1 acc':>10}")
+    for i, (loss, acc) in enumerate(zip(result["head_loss"], result["head_acc"])):
+        print(f"{i + 1:>6} {'t+' + str(i + 1):>9} {loss:>8.3f} {acc:>10.3f}")
+    print(f"run directory: {result['run_dir']}")
+    if args.sample:
+        _print_sample(result["run_dir"], cfg.train.sample_prompt, cfg.train.sample_tokens)
+    return 0
+
+
+def _print_sample(run_dir: str, prompt: str, n_tokens: int) -> None:
+    from multitoken.checkpoint import load_checkpoint
+    from multitoken.generate import generate
+
+    model, tok = load_checkpoint(run_dir)
+    ids = tok.encode(prompt)
+    res = generate(model, ids, max_new_tokens=min(n_tokens, model.cfg.max_seq_len - len(ids)))
+    print(f"\nsample (greedy, head 1):\n{prompt}{tok.decode(res.tokens[0])}")
+
+
+def cmd_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="multitoken eval",
+                                description="Per-head loss and top-1 accuracy of a checkpoint.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--files", nargs="*", help="text files/folders/globs (default: the "
+                   "checkpoint's validation split)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    import dataclasses
+
+    from multitoken.checkpoint import load_checkpoint, read_config
+    from multitoken.config import DataConfig, from_dict
+    from multitoken.data import prepare_data, resolve_files, tokenize_files, val_batches
+    from multitoken.train import evaluate, resolve_device
+
+    device = resolve_device(args.device)
+    model, tok = load_checkpoint(args.checkpoint, device=device)
+    meta = read_config(args.checkpoint)
+    seq_len = args.seq_len or meta.get("run", {}).get("train", {}).get("seq_len") or 256
+    if seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({model.cfg.max_seq_len})")
+    if args.files:
+        dcfg = from_dict(DataConfig, meta.get("run", {}).get("data", {}), prefix="data.")
+        tokens = tokenize_files(resolve_files(args.files), tok, dcfg.cache_dir)
+    else:
+        dcfg = from_dict(DataConfig, meta.get("run", {}).get("data", {}), prefix="data.")
+        tokens = prepare_data(dataclasses.replace(dcfg), tok).val
+    res = evaluate(model, val_batches(tokens, seq_len, args.batch_size, args.batches), device)
+    print(f"{'head':>6} {'loss':>8} {'top-1 acc':>10}")
+    for i, (loss, acc) in enumerate(zip(res["head_loss"], res["head_acc"])):
+        print(f"{i + 1:>6} {loss:>8.3f} {acc:>10.3f}")
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_module(module: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        return int(importlib.import_module(module).main(argv) or 0)
+
+    return run
+
+
+def cmd_bench(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
+        names = ", ".join(BENCHES)
+        if argv and argv[0] not in ("-h", "--help"):
+            raise ConfigError(f"unknown benchmark {argv[0]!r}; choose one of: {names}")
+        print(f"usage: multitoken bench {{{names}}} [options]")
+        return 0
+    return cmd_module(BENCHES[argv[0]])(argv[1:])
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_module("multitoken.generate"),
+    "calibrate": cmd_module("multitoken.calibrate"),
+    "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: multitoken {train,eval,generate,calibrate,bench} [options]\n\n"
+              "  train      train a multi-token prediction model (--config configs/demo.yaml)\n"
+              "  eval       per-head validation loss and accuracy of a checkpoint\n"
+              "  generate   decode from a checkpoint (plain or self-speculative)\n"
+              "  calibrate  measure head acceptance and forward costs; choose the draft tree\n"
+              "  bench      train-memory | train-speed | decode")
+        return 0
+    cmd = COMMANDS.get(argv[0])
+    try:
+        if cmd is None:
+            raise ConfigError(f"unknown command {argv[0]!r}; run `multitoken --help`")
+        return cmd(argv[1:])
+    except MultitokenError as e:
+        if os.environ.get("MULTITOKEN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
