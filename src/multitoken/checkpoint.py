@@ -173,17 +173,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     ckpt = find_checkpoint(path)
     meta = read_config(ckpt)
     cfg = model_config_from(meta, ckpt / CONFIG)
+    tok_dir = ckpt / TOKENIZER
+    if not tok_dir.exists():
+        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer/ directory")
+    tokenizer = load_tokenizer(tok_dir)
+    check_tokenizer(tokenizer, cfg, meta.get("tokenizer"), ckpt)
     with torch.device(device):
         model = MultiTokenModel(cfg)
     load_weights(ckpt / WEIGHTS, model)
     if dtype is not None:
         model.to(dtype=dtype)
     model.eval()
-    tok_dir = ckpt / TOKENIZER
-    if not tok_dir.exists():
-        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer/ directory")
-    tokenizer = load_tokenizer(tok_dir)
-    check_tokenizer(tokenizer, cfg, meta.get("tokenizer"), ckpt)
     return model, tokenizer
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -285,6 +286,8 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
                           f"acc/head {fmt(last_val['head_acc'])}")
         if done % t.ckpt_every == 0 or done == t.steps:
             save(done)
+        if os.environ.get("MULTITOKEN_TEST_KILL_AT_STEP") == str(done):
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: a hard crash, exactly here
     bar.close()
     if not last_val:  # resumed a finished run
         last_val = dist_mod.reduce_eval(evaluate(model, vbatches, device, autocast), vbatches, dist)

@@ -1,0 +1,87 @@
+"""Checkpoints: round trip, atomic replacement, clear errors for corrupt or mismatched files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from multitoken.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from multitoken.errors import CheckpointError
+from multitoken.tokenizer import ByteTokenizer
+
+
+def saved(tmp_path, **kw):
+    m = tiny_model(vocab_size=260, **kw)
+    save_checkpoint(tmp_path / "ck", m, ByteTokenizer(), step=3)
+    return m, tmp_path / "ck"
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_round_trip(tmp_path, tie):
+    m, ck = saved(tmp_path, tie_embeddings=tie)
+    m2, tok = load_checkpoint(ck)
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert tok.vocab_size == 260
+    if tie:
+        assert m2.output.weight.data_ptr() == m2.tok_embeddings.weight.data_ptr()
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    m, ck = saved(tmp_path)
+    before = (ck / "model.safetensors").read_bytes()
+    import multitoken.checkpoint as C
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(C, "save_file", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(ck, m, ByteTokenizer(), step=4)
+    assert (ck / "model.safetensors").read_bytes() == before
+    load_checkpoint(ck)
+
+
+def test_interrupted_rename_is_recovered(tmp_path):
+    _, ck = saved(tmp_path)
+    shutil.move(ck, ck.with_name("ck.old"))  # crash between the two renames
+    assert find_checkpoint(ck).name == "ck.old"
+    load_checkpoint(ck)
+
+
+def test_truncated_weights(tmp_path):
+    _, ck = saved(tmp_path)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(ck)
+
+
+def test_config_weights_mismatch(tmp_path):
+    _, ck = saved(tmp_path)
+    meta = json.loads((ck / "config.json").read_text())
+    meta["model"]["dim"] = 64
+    (ck / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not match the config"):
+        load_checkpoint(ck)
+
+
+def test_tokenizer_mismatch(tmp_path):
+    _, ck = saved(tmp_path)
+    meta = json.loads((ck / "config.json").read_text())
+    meta["model"]["vocab_size"] = 300
+    (ck / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="tokenizer has 260 tokens"):
+        load_checkpoint(ck)
+
+
+def test_missing_and_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / "empty")
