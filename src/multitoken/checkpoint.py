@@ -73,10 +73,13 @@ def save_checkpoint(directory: str | Path, model: MultiTokenModel, tokenizer: An
                     run_config: dict[str, Any] | None = None, step: int | None = None,
                     train_state: dict[str, Any] | None = None,
                     extra: dict[str, Any] | None = None,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                    state_dict: dict[str, torch.Tensor] | None = None,
+                    add_dirs: dict[str, Path] | None = None) -> Path:
     """Write a complete checkpoint to `directory`, replacing any previous one atomically.
 
     `state_dict` overrides `model.state_dict()` (e.g. a consolidated state dict from FSDP).
+    `add_dirs` {name: folder} are moved into the checkpoint as `name/` before it is committed
+    (FSDP's sharded state), so they appear and disappear atomically with it.
     """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +103,8 @@ def save_checkpoint(directory: str | Path, model: MultiTokenModel, tokenizer: An
     meta.update(extra or {})
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
+    for name, src in (add_dirs or {}).items():
+        os.replace(src, tmp / name)
     # Carry over calibration results made for the same weights' shape, if any.
     if (final / "calibration.json").is_file():
         shutil.copy2(final / "calibration.json", tmp / "calibration.json")

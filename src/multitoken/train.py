@@ -139,10 +139,8 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, *, resume: bool = F
     """Train per `cfg`; returns the final validation metrics. See the module docstring."""
     cfg.validate()
     dist = dist_mod.setup(cfg.parallel)
-    try:
+    with dist:  # closes the process group; names a dead or stalled peer clearly
         return _train(cfg, out_dir, resume, progress, dist)
-    finally:
-        dist.close()
 
 
 def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: bool,
@@ -204,8 +202,8 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
                           f"number of processes ({dist.world_size})")
     sampler = BatchSampler(data.train, t.seq_len, micro, seed=t.seed, rank=dist.rank,
                            world_size=dist.world_size)
-    vbatches = val_batches(data.val, t.seq_len, max(1, micro // dist.world_size), t.eval_batches)
-    vbatches = vbatches[dist.rank::dist.world_size] or vbatches[:1]
+    # Each rank evaluates its rows of the same global batches: the union is the 1-process set.
+    vbatches = dist_mod.shard_batches(val_batches(data.val, t.seq_len, micro, t.eval_batches), dist)
     weights = head_weights(cfg.loss.weights, cfg.model.n_future)
     metrics = MetricsLog(run / "metrics.jsonl", enabled=dist.is_main)
     start = 0
@@ -278,7 +276,8 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
                            "tokens": done * tokens_per_step, "tok_s": tok_s,
                            "elapsed_s": elapsed})
         if done % t.eval_every == 0 or done == t.steps:
-            last_val = dist_mod.reduce_eval(evaluate(model, vbatches, device, autocast), vbatches, dist)
+            last_val = dist_mod.reduce_eval(dist_mod.run_model(
+                wrapped, model, evaluate, vbatches, device, autocast), vbatches, dist)
             metrics.write({"kind": "val", "step": done, "loss": float(sum(
                 w * v for w, v in zip(weights, last_val["head_loss"]))), **last_val})
             if dist.is_main:
@@ -290,7 +289,8 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
             os.kill(os.getpid(), signal.SIGKILL)  # tests: a hard crash, exactly here
     bar.close()
     if not last_val:  # resumed a finished run
-        last_val = dist_mod.reduce_eval(evaluate(model, vbatches, device, autocast), vbatches, dist)
+        last_val = dist_mod.reduce_eval(dist_mod.run_model(
+            wrapped, model, evaluate, vbatches, device, autocast), vbatches, dist)
     if dist.is_main:
         from multitoken.plots import plot_losses
 
