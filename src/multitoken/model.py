@@ -84,6 +84,11 @@ class KVCache:
         for cache in (self.k, self.v):
             cache[:, self._rows, dst] = cache[:, self._rows, src]
 
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep only batch rows `rows` [B'] (decoding drops finished sequences); copies."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self._rows = self._rows[: rows.shape[0]]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:

@@ -1,0 +1,331 @@
+"""Choose the chain length and the draft tree from measurements: `multitoken calibrate`.
+
+Two measurements, both on this machine and this checkpoint:
+
+1. Acceptance. Greedy continuations of prompts from the held-out split are decoded (with chain
+   speculation, which gives plain greedy's tokens), then one full forward over them gives, at
+   every generated position t and for every draft head d = 1..D, the rank of the token that
+   greedy decoding actually put d+1 places ahead in head d+1's ranking. A tree node (path of
+   ranks r_1..r_d) is accepted at t exactly when those ranks are r_1..r_d, so P(node) is a
+   count -- no independence assumption between heads. Expected tokens per forward of a chain
+   or tree come from replaying greedy decoding over the measured ranks (see
+   `simulate_tokens_per_forward`), not from averaging over positions.
+2. Forward cost. The time of one decode forward (trunk + heads over m tokens, draft heads at
+   one position) for the m the modes use, against plain decoding's forward (head 1 only, one
+   token), with a KV cache holding a realistic context.
+
+Expected speedup of a mode = expected tokens per forward x T_plain / T_mode. The chain length k
+(1..D) and the tree size maximising it are written to `calibration.json` in the checkpoint
+directory; `multitoken generate` and `bench decode` use them by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from multitoken.engine import Engine
+from multitoken.errors import MultitokenError
+from multitoken.model import MultiTokenModel, causal_context
+from multitoken.tree import Path as TreePath
+from multitoken.tree import Tree, grow_tree
+
+CALIBRATION_FILE = "calibration.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward costs.
+
+
+def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batch_size: int = 1,
+                  context: int = 128, reps: int = 20) -> dict[tuple[int, int], float]:
+    """Seconds of one decode forward (lower quartile of `reps`) for each (tokens m, heads h).
+
+    A forward is what a step runs: the trunk and head 1 over m tokens (keys/values of heads
+    2..h too), head 1's logits at all m, and the draft heads' logits at one position per
+    sequence (none when h == 1). Shapes are timed round-robin so load drifts hit all alike.
+    """
+    cfg = model.cfg
+    context = max(1, min(context, cfg.max_seq_len - max(m for m, _ in shapes)))
+    device = model.tok_embeddings.weight.device
+    engines = {h: Engine(model, h) for _, h in shapes}
+    cache = model.new_cache(batch_size, context + max(m for m, _ in shapes))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
+
+    def run(m: int, h: int) -> None:
+        idx = torch.randint(0, cfg.vocab_size, (batch_size, m), generator=gen).to(device)
+        pos = context + torch.arange(m, device=device).expand(batch_size, m)
+        eng = engines[h]
+        fwd = eng.forward(idx, pos, causal_context(cache, pos, context + m))
+        eng.logits(fwd.h0).argmax(-1)
+        if h > 1:
+            sel = torch.full((batch_size,), m - 1, device=device)
+            eng.draft_logits(eng.drafts(fwd, sel)).argmax(-1)
+
+    with torch.inference_mode():
+        idx = torch.randint(0, cfg.vocab_size, (batch_size, context), generator=gen).to(device)
+        pos = torch.arange(context, device=device).expand(batch_size, context)
+        engines[max(engines)].forward(idx, pos, causal_context(cache, pos, context))
+        for s in shapes:  # warm-up
+            run(*s)
+        for _ in range(reps):
+            for s in shapes:
+                t0 = time.perf_counter()
+                run(*s)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[s].append(time.perf_counter() - t0)
+    # Lower quartile, not the mean: on a machine shared with other jobs, the slow tail is
+    # other processes' time slices, not this forward's cost.
+    return {s: statistics.quantiles(v, n=4)[0] if len(v) > 1 else v[0]
+            for s, v in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance.
+
+
+def prompts_from(tokens: np.ndarray | Tensor, n: int, length: int) -> list[list[int]]:
+    """n prompts of `length` tokens, evenly spaced through `tokens` (e.g. the validation split)."""
+    arr = np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens).reshape(-1)
+    if arr.size < length + 1:
+        raise MultitokenError(f"not enough held-out tokens ({arr.size}) for prompts of {length}")
+    starts = np.linspace(0, arr.size - length - 1, num=n).astype(np.int64)
+    return [arr[s:s + length].astype(np.int64).tolist() for s in starts]
+
+
+def draft_ranks(model: MultiTokenModel, seqs: Tensor, start: int, max_rank: int) -> np.ndarray:
+    """ranks [sequences, positions, D]: at each position t >= start (with D+1 tokens after it),
+    the rank of token x[t+1+d] in draft head d's logits at t, or max_rank if below the top
+    max_rank."""
+    D = model.n_future - 1
+    T = seqs.shape[1]
+    stop = T - 1 - D
+    if stop <= start:
+        raise MultitokenError("sequences too short to measure acceptance")
+    out = []
+    with torch.inference_mode():
+        for chunk in seqs.split(4):
+            hs = model.hidden(chunk)
+            cols = []
+            for d in range(1, D + 1):
+                logits = model.unembed(hs[d][:, start:stop]).float()  # [b, P, V]
+                target = chunk[:, start + 1 + d: stop + 1 + d]
+                t_logit = logits.gather(-1, target[..., None])
+                cols.append((logits > t_logit).sum(-1).clamp(max=max_rank))  # [b, P]
+            out.append(torch.stack(cols, dim=-1))
+    return torch.cat(out).cpu().numpy()
+
+
+def simulate_tokens_per_forward(ranks: np.ndarray, tree_paths: list[TreePath]) -> float:
+    """Tokens per forward that greedy decoding with this tree (a chain is a tree) achieves on
+    the measured sequences: replay the steps, each accepting the longest tree path that matches
+    the ranks at the last accepted position and moving past it.
+
+    Averaging P(accepted) over all positions instead is biased, because decoding takes many
+    short steps where the heads are wrong and few long ones where they are right: on an early
+    code-n4 checkpoint it predicted 2.21 tokens per forward for 3 drafts, replaying 1.58, and
+    decoding measured 1.60.
+    """
+    nodes = set(tree_paths)
+    depth = max((len(p) for p in nodes), default=0)
+    tokens = steps = 0
+    for seq in ranks.tolist():
+        t = 0
+        while t < len(seq):
+            row, n = seq[t], 0
+            while n < depth and tuple(row[: n + 1]) in nodes:
+                n += 1
+            tokens, steps, t = tokens + n + 1, steps + 1, t + n + 1
+    return tokens / steps if steps else 1.0
+
+
+def path_probs(ranks: np.ndarray, max_rank: int) -> dict[TreePath, float]:
+    """P(path r_1..r_d accepted) = share of positions whose first d ranks are r_1..r_d."""
+    counts: Counter[TreePath] = Counter()
+    ranks = ranks.reshape(-1, ranks.shape[-1])
+    for row in ranks.tolist():
+        for d in range(len(row)):
+            if row[d] >= max_rank:
+                break
+            counts[tuple(row[: d + 1])] += 1
+    return {p: c / len(ranks) for p, c in counts.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The choice.
+
+
+def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prompts: int = 16,
+              prompt_len: int = 128, gen_len: int = 256, max_rank: int = 8, max_nodes: int = 32,
+              batch_sizes: tuple[int, ...] = (1,), reps: int = 20,
+              log: Any = None) -> dict[str, Any]:
+    """Measure acceptance and forward costs; return the calibration (see module docstring)."""
+    from multitoken.generate import generate
+
+    cfg = model.cfg
+    D = model.n_future - 1
+    if D < 1:
+        raise MultitokenError("calibration needs draft heads, but this model has n_future=1")
+    prompt_len = min(prompt_len, cfg.max_seq_len // 2)
+    gen_len = max(D + 2, min(gen_len, cfg.max_seq_len - prompt_len))
+    say = log or (lambda *_: None)
+    model.eval()
+
+    prompts = prompts_from(val_tokens, n_prompts, prompt_len)
+    say(f"decoding {n_prompts} held-out prompts x {gen_len} greedy tokens")
+    res = generate(model, prompts, gen_len, speculative="chain")
+    device = model.tok_embeddings.weight.device
+    seqs = torch.tensor([p + t for p, t in zip(prompts, res.tokens)], device=device)
+    ranks = draft_ranks(model, seqs, prompt_len - 1, max_rank)
+    probs = path_probs(ranks, max_rank)
+    prob = lambda p: probs.get(tuple(p), 0.0)  # noqa: E731
+    chain_e = {k: simulate_tokens_per_forward(ranks, [(0,) * d for d in range(1, k + 1)])
+               for k in range(1, D + 1)}
+    grown = grow_tree(prob, max_nodes, D, max_rank)  # candidates in order of P(accepted)
+
+    costs: dict[str, Any] = {}
+    choices: dict[str, Any] = {}
+    tree_e: dict[int, float] = {}
+    for B in batch_sizes:
+        sizes = sorted({*range(1, min(len(grown), 16) + 1), *range(16, len(grown) + 1, 4),
+                        len(grown)} - {0})
+        shapes = [(1, 1)] + [(k + 1, k + 1) for k in range(1, D + 1)]
+        shapes += [(s + 1, D + 1) for s in sizes if (s + 1, D + 1) not in shapes]
+        say(f"timing {len(shapes)} forward shapes at batch {B}")
+        t = time_forwards(model, shapes, batch_size=B, context=prompt_len + gen_len // 2,
+                          reps=reps)
+        plain = t[(1, 1)]
+        chain_speed = {k: chain_e[k] * plain / t[(k + 1, k + 1)] for k in chain_e}
+        best_k = max(chain_speed, key=chain_speed.get)
+        tree_speed = {}
+        for s in sizes:
+            tree_e[s] = tree_e.get(s) or simulate_tokens_per_forward(ranks, grown[:s])
+            tree_speed[s] = tree_e[s] * plain / t[(s + 1, D + 1)]
+        best_s = max(tree_speed, key=tree_speed.get) if tree_speed else 0
+        tree_paths = [list(p) for p in Tree(grown[:best_s]).paths] if best_s else [[0]]
+        mode = "tree" if tree_speed and tree_speed[best_s] > chain_speed[best_k] else "chain"
+        if max(chain_speed[best_k], tree_speed.get(best_s, 0.0)) < 1.0:
+            mode = "off"  # speculation would not pay on this machine for this checkpoint
+        choices[str(B)] = {
+            "best_k": best_k,
+            "tree": tree_paths,
+            "best_mode": mode,
+            "expected_speedup": {"chain": {str(k): v for k, v in chain_speed.items()},
+                                 "tree": {str(s): v for s, v in tree_speed.items()}},
+        }
+        costs[str(B)] = {
+            "plain_ms": plain * 1e3,
+            "chain_ms": {str(k): t[(k + 1, k + 1)] * 1e3 for k in chain_e},
+            "spec_ms": {str(s + 1): t[(s + 1, D + 1)] * 1e3 for s in sizes},
+        }
+    first = choices[str(batch_sizes[0])]
+    return {
+        "version": 1,
+        "best_mode": first["best_mode"],
+        "best_k": first["best_k"],
+        "tree": first["tree"],
+        "by_batch_size": choices,
+        "expected_tokens_per_forward": {
+            "chain": {str(k): v for k, v in chain_e.items()},
+            "tree": simulate_tokens_per_forward(ranks, [tuple(p) for p in first["tree"]]),
+        },
+        "acceptance": {
+            "chain": [prob((0,) * d) / max(prob((0,) * (d - 1)) if d > 1 else 1.0, 1e-12)
+                      for d in range(1, D + 1)],
+            "top_r": [[prob((0,) * (d - 1) + (r,)) for r in range(max_rank)]
+                      for d in range(1, D + 1)],
+        },
+        "tree_order": [list(p) for p in grown],
+        "path_probs": {",".join(map(str, p)): prob(p) for p in grown},
+        "forward_cost": costs,
+        "measured_on": {"positions": int(ranks.shape[0] * ranks.shape[1]), "prompts": n_prompts,
+                        "prompt_len": prompt_len, "gen_len": gen_len, "max_rank": max_rank,
+                        "threads": torch.get_num_threads(), "device": str(device)},
+    }
+
+
+def load_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The stored calibration of a checkpoint, or None (a damaged file is reported, ignored)."""
+    from multitoken.checkpoint import find_checkpoint
+
+    path = find_checkpoint(checkpoint) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        Tree(data["tree"])
+        int(data["best_k"])
+    except (OSError, ValueError, KeyError, TypeError, MultitokenError) as e:
+        print(f"warning: ignoring unreadable {path}: {e}", file=sys.stderr)
+        return None
+    return data
+
+
+def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
+    """The held-out split the checkpoint's run never trained on, tokenized as it was."""
+    from multitoken.checkpoint import read_config
+    from multitoken.config import DataConfig, from_dict
+    from multitoken.data import prepare_data
+
+    meta = read_config(checkpoint)
+    run = meta.get("run") or meta
+    dcfg = from_dict(DataConfig, run.get("data", {}), prefix="data.")
+    return prepare_data(dcfg, tokenizer).val
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="multitoken calibrate", description=(
+        "Measure per-head top-k acceptance on held-out data and decode forward costs on this "
+        "machine; store the best chain length and draft tree in <checkpoint>/calibration.json."))
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=256)
+    p.add_argument("--max-rank", type=int, default=8, help="top-k ranks considered per head")
+    p.add_argument("--max-nodes", type=int, default=32, help="largest tree considered")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: decode steps are many small ops; a "
+                   "second thread mostly adds synchronisation)")
+    args = p.parse_args(argv)
+    from multitoken.checkpoint import find_checkpoint, load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise MultitokenError(f"--batch-sizes must be integers, got {args.batch_sizes!r}") from None
+    model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+    val = validation_tokens(args.checkpoint, tokenizer)
+    cal = calibrate(model, val, n_prompts=args.prompts, prompt_len=args.prompt_len,
+                    gen_len=args.gen_len, max_rank=args.max_rank, max_nodes=args.max_nodes,
+                    batch_sizes=batch_sizes, reps=args.reps, log=print)
+    out = find_checkpoint(args.checkpoint) / CALIBRATION_FILE
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cal, indent=2) + "\n")
+    tmp.replace(out)
+    acc = ", ".join(f"{a:.2f}" for a in cal["acceptance"]["chain"])
+    print(f"top-1 acceptance of heads 2..{model.n_future} (given earlier accepted): {acc}")
+    for B, c in cal["by_batch_size"].items():
+        cost = cal["forward_cost"][B]
+        chain = ", ".join(f"k={k}: {v:.2f}x" for k, v in c["expected_speedup"]["chain"].items())
+        best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(c["tree"]).paths)), 0.0)
+        print(f"batch {B}: plain forward {cost['plain_ms']:.2f} ms; expected speedup chain "
+              f"{chain}; tree of {len(c['tree'])} nodes: {best_tree:.2f}x -> {c['best_mode']}")
+    print(f"wrote {out}")
+    return 0

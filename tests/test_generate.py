@@ -1,0 +1,236 @@
+"""Plain decoding: KV cache vs full forward, batching, sampling, stop tokens, bad input, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from helpers_decode import (  # noqa: F401 - one_thread is an autouse fixture
+    make_checkpoint,
+    one_thread,
+    random_model,
+    reference_greedy,
+    trained_model,
+)
+from multitoken.errors import MultitokenError
+from multitoken.generate import Sampling, generate, process_logits
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 0, 1]]
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "anticausal"])
+def test_cached_greedy_equals_full_forward(head_type):
+    model = random_model(head_type)
+    res = generate(model, PROMPTS[0], 24)
+    assert res.tokens == [reference_greedy(model, PROMPTS[0], 24)]
+    assert res.stats.forwards == 23 and res.stats.prefill_forwards == 1
+    assert res.stats.tokens_per_forward == 1.0 and res.finish_reasons == ["length"]
+
+
+def test_batch_of_different_lengths_equals_one_by_one():
+    model = random_model()
+    batched = generate(model, PROMPTS, 20).tokens
+    assert batched == [generate(model, p, 20).tokens[0] for p in PROMPTS]
+    assert batched == [reference_greedy(model, p, 20) for p in PROMPTS]
+
+
+def test_tensor_prompts():
+    model = random_model()
+    t = torch.tensor([PROMPTS[0], [5, 4, 3, 2, 1]])
+    assert generate(model, t, 6).tokens == generate(model, t.tolist(), 6).tokens
+    assert generate(model, t[0], 6).tokens == generate(model, PROMPTS[0], 6).tokens
+
+
+def test_stop_token_is_included_and_ends_only_its_sequence():
+    model = trained_model()
+    free = generate(model, PROMPTS, 20).tokens
+    stop = free[0][4]
+    res = generate(model, PROMPTS, 20, stop=[stop])
+    for b, seq in enumerate(free):
+        if stop in seq:
+            cut = seq.index(stop) + 1
+            assert res.tokens[b] == seq[:cut] and res.finish_reasons[b] == "stop"
+        else:
+            assert res.tokens[b] == seq and res.finish_reasons[b] == "length"
+
+
+def test_stream_receives_every_token_in_order():
+    model = random_model()
+    got: list[list[int]] = [[] for _ in PROMPTS]
+
+    def stream(fresh):
+        for b, toks in enumerate(fresh):
+            got[b].extend(toks)
+
+    res = generate(model, PROMPTS, 9, stream=stream)
+    assert got == res.tokens
+
+
+def test_zero_new_tokens():
+    res = generate(random_model(), PROMPTS[0], 0)
+    assert res.tokens == [[]] and res.stats.forwards == 0
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = random_model()
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, PROMPTS, 10, temperature=1.0, top_k=5, generator=g).tokens
+
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_process_logits():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    p = process_logits(logits, Sampling(1.0))
+    assert torch.allclose(p, torch.softmax(logits, -1))
+    p = process_logits(logits, Sampling(0.5, top_k=2))
+    assert (p[0, 2:] == 0).all()
+    assert torch.allclose(p[0, :2], torch.softmax(logits[0, :2] / 0.5, -1))
+    full = torch.softmax(logits, -1)[0]
+    # top_p: the smallest prefix whose mass reaches top_p (here the first two tokens)
+    p = process_logits(logits, Sampling(1.0, top_p=float(full[0] + full[1] - 1e-4)))
+    assert (p[0, 2:] == 0).all() and torch.allclose(p[0, :2], full[:2] / full[:2].sum())
+    p = process_logits(logits, Sampling(1.0, top_p=1e-6))
+    assert p[0, 0] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling exactness tools (shared with the speculative tests).
+
+
+def exact_joint(model, prompt, n, s: Sampling) -> dict[tuple[int, ...], float]:
+    """P(x_1..x_n) of plain sampling from head 1's processed distribution, by enumeration."""
+    V = model.cfg.vocab_size
+    conts = list(itertools.product(range(V), repeat=n - 1))
+    idx = torch.tensor([prompt + list(c) for c in conts])
+    with torch.no_grad():
+        logits = model(idx, heads=[0])[0, :, len(prompt) - 1:]  # [V^(n-1), n, V]
+    probs = process_logits(logits, s).double()
+    out = {}
+    for c, pr in zip(conts, probs):
+        base = 1.0
+        for j, x in enumerate(c):
+            base *= float(pr[j, x])
+        if base == 0.0:
+            continue
+        for x, q in enumerate(pr[n - 1].tolist()):
+            if q > 0:
+                out[tuple(c) + (x,)] = base * q
+    return out
+
+
+def chi_square_pvalue(samples: list[tuple[int, ...]], expected: dict, min_count: float = 5.0):
+    """Pearson chi-square goodness of fit; cells with small expectation are pooled.
+    p-value from the Wilson-Hilferty normal approximation (no scipy needed)."""
+    N = len(samples)
+    counts: dict = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    if not set(counts) <= set(expected):
+        return 0.0, 0  # sampled a sequence of probability 0
+    stat, cells, pool_o, pool_e = 0.0, 0, 0, 0.0
+    for key, p in expected.items():
+        e = N * p
+        if e < min_count:
+            pool_o, pool_e = pool_o + counts.get(key, 0), pool_e + e
+            continue
+        stat += (counts.get(key, 0) - e) ** 2 / e
+        cells += 1
+    if pool_e > 0:
+        stat += (pool_o - pool_e) ** 2 / pool_e
+        cells += 1
+    df = max(cells - 1, 1)
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2)), df
+
+
+def sample_many(model, prompt, n, s: Sampling, mode="off", N=4000, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    res = generate(model, [prompt] * N, n, temperature=s.temperature, top_k=s.top_k,
+                   top_p=s.top_p, speculative=mode, generator=g, **kw)
+    return [tuple(t) for t in res.tokens], res.stats
+
+
+def test_plain_sampling_matches_enumeration():
+    model = trained_model()
+    s = Sampling(1.5, top_k=6)
+    samples, _ = sample_many(model, [3, 5, 7, 9], 3, s)
+    p, _ = chi_square_pvalue(samples, exact_joint(model, [3, 5, 7, 9], 3, s))
+    assert p > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(speculative="medusa"), "unknown speculative mode"),
+    (dict(speculative="chain", num_drafts=4), "num_drafts must be in 1..3"),
+    (dict(speculative="chain", num_drafts=0), "num_drafts must be in 1..3"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(MultitokenError, match=message):
+        generate(random_model(), PROMPTS[0], 4, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_n_future_1_model_cannot_speculate(mode):
+    model = random_model(n_future=1)
+    assert len(generate(model, PROMPTS[0], 3).tokens[0]) == 3
+    with pytest.raises(MultitokenError, match="n_future=1"):
+        generate(model, PROMPTS[0], 3, speculative=mode)
+
+
+def test_bad_prompts():
+    model = random_model()  # max_seq_len 64
+    with pytest.raises(MultitokenError, match="empty prompt"):
+        generate(model, [], 4)
+    with pytest.raises(MultitokenError, match="prompt 1 is empty"):
+        generate(model, [[1, 2], []], 4)
+    with pytest.raises(MultitokenError, match="longer than the model's context"):
+        generate(model, [1] * 64, 1)
+    with pytest.raises(MultitokenError, match="exceeds the model's context of 64; at most 14"):
+        generate(model, [1] * 50, 15)
+    with pytest.raises(MultitokenError, match="outside the vocabulary"):
+        generate(model, [1, 99], 2)
+    with pytest.raises(MultitokenError, match="max_new_tokens"):
+        generate(model, [1, 2], -1)
+    # exactly filling the context is fine, in every mode
+    for mode in ("off", "chain", "tree"):
+        assert len(generate(model, [1] * 50, 14, speculative=mode).tokens[0]) == 14
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("decode_ck"))
+
+
+def test_cli_generate_streams_text_and_stats(checkpoint, capsys):
+    from multitoken.generate import main
+
+    assert main(["--checkpoint", str(checkpoint), "--prompt", "def f(x):", "--max-new-tokens",
+                 "12", "--speculative", "chain", "--no-stop"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def f(x):") and "tokens/forward" in out and "12 tokens" in out
+
+
+def test_cli_generate_errors_are_multitoken_errors(checkpoint):
+    from multitoken.generate import main
+
+    with pytest.raises(MultitokenError, match="num_drafts"):
+        main(["--checkpoint", str(checkpoint), "--prompt", "x", "--speculative", "chain",
+              "--num-drafts", "9"])
+    with pytest.raises(MultitokenError, match="empty"):
+        main(["--checkpoint", str(checkpoint), "--prompt", ""])

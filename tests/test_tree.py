@@ -1,0 +1,131 @@
+"""Tree speculation: tree structure, greedy == plain greedy, exact sampling, KV compaction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import multitoken.tree as tree_mod
+from helpers_decode import HEAD_TYPES, one_thread, random_model, trained_model  # noqa: F401
+from multitoken.errors import MultitokenError
+from multitoken.generate import Sampling, generate
+from multitoken.model import KVCache
+from multitoken.tree import Tree, default_tree, grow_tree
+from test_generate import PROMPTS, chi_square_pvalue, exact_joint, sample_many
+
+WIDE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 1, 0), (1, 0, 0)]
+
+
+def test_tree_structure():
+    t = Tree([(1, 0), (0, 0, 1)])  # prefixes are added, order is depth-first
+    assert t.paths == [(0,), (0, 0), (0, 0, 1), (1,), (1, 0)]
+    assert (t.size, t.depth, t.max_rank) == (5, 3, 2)
+    x = t.tensors(torch.device("cpu"))
+    assert x["parent"].tolist() == [0, 0, 1, 2, 0, 4]
+    assert x["depth"].tolist() == [0, 1, 2, 3, 1, 2]
+    assert x["children"].tolist() == [[1, 4], [2, -1], [3, -1], [-1, -1], [5, -1], [-1, -1]]
+    assert x["anc"][5].tolist() == [True, False, False, False, True, True]
+    assert x["path_nodes"][5].tolist() == [4, 5, 3]  # depth 3 padded with its own slot
+    assert x["in_place"].tolist() == [True, True, True, True, False, False]
+    assert Tree(WIDE, max_depth=1).paths == [(0,), (1,), (2,)]
+    with pytest.raises(MultitokenError):
+        Tree([()])
+    with pytest.raises(MultitokenError):
+        Tree([(0, -1)])
+
+
+def test_grow_tree_is_greedy_and_prefix_closed():
+    probs = {(0,): 0.8, (1,): 0.1, (0, 0): 0.6, (0, 1): 0.15, (0, 0, 0): 0.5, (1, 0): 0.09}
+    order = grow_tree(lambda p: probs.get(p, 0.0), 10, 3, 2)
+    assert order == [(0,), (0, 0), (0, 0, 0), (0, 1), (1,), (1, 0)]
+    for i in range(1, len(order) + 1):
+        Tree(order[:i])  # every prefix of the growth order is a valid tree
+    assert len(default_tree(3)) == 10 and Tree(default_tree(2)).depth == 2
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_tree_greedy_equals_plain_random_model(head_type):
+    model = random_model(head_type)
+    plain = generate(model, PROMPTS, 25).tokens
+    for tree in (None, WIDE, [(0,), (0, 1), (0, 0)]):
+        assert generate(model, PROMPTS, 25, speculative="tree", tree=tree).tokens == plain
+    assert generate(model, PROMPTS[1], 25, speculative="tree", tree=WIDE).tokens == [plain[1]]
+
+
+def test_tree_greedy_with_real_acceptance_and_compaction(monkeypatch):
+    model = trained_model()
+    plain = generate(model, PROMPTS, 40).tokens
+    res = generate(model, PROMPTS, 40, speculative="tree", tree=WIDE)
+    assert res.tokens == plain
+    assert res.stats.tokens_per_forward > 2.0 and res.stats.num_drafts == 3
+    # Swap ranks 0 and 1 of every draft head, so the accepted path usually leaves the top-1
+    # chain and its keys/values must be moved into place: still exact (drafts are proposals).
+    moved = []
+    orig_copy, orig_top = KVCache.copy_slots, tree_mod.top_candidates
+    monkeypatch.setattr(KVCache, "copy_slots",
+                        lambda self, s, d: (moved.append(1), orig_copy(self, s, d)))
+    monkeypatch.setattr(tree_mod, "top_candidates",
+                        lambda logits, r: orig_top(logits, r)[..., [1, 0, *range(2, r)]])
+    res = generate(model, PROMPTS, 40, speculative="tree", tree=WIDE)
+    assert res.tokens == plain and len(moved) > 5 and res.stats.tokens_per_forward > 1.5
+
+
+def test_num_drafts_caps_tree_depth_and_depth_is_checked():
+    model = random_model()
+    res = generate(model, PROMPTS, 10, speculative="tree", tree=WIDE, num_drafts=1)
+    assert res.stats.num_drafts == 1 and res.stats.tree_size == 3
+    assert res.tokens == generate(model, PROMPTS, 10).tokens
+    small = random_model(n_future=2, n_layers=3)
+    res = generate(small, PROMPTS, 10, speculative="tree", tree=WIDE)  # depth capped to 1
+    assert res.stats.num_drafts == 1
+    with pytest.raises(MultitokenError, match="ranks"):
+        generate(model, PROMPTS, 4, speculative="tree", tree=[(0, -1)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling exactness.
+
+PROMPT = [3, 5, 7, 9]
+SAMPLING_TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)]
+
+
+@pytest.mark.parametrize("s", [Sampling(1.5), Sampling(2.0, top_k=4), Sampling(1.2, top_p=0.9)],
+                         ids=["temp", "top_k", "top_p"])
+def test_tree_sampling_matches_exact_distribution(s):
+    model = trained_model()
+    expected = exact_joint(model, PROMPT, 3, s)
+    samples, stats = sample_many(model, PROMPT, 3, s, mode="tree", tree=SAMPLING_TREE)
+    p, df = chi_square_pvalue(samples, expected)
+    assert p > 1e-3, (p, df)
+    assert 0.3 < stats.acceptance[0] < 0.99
+
+
+def _no_residual(probs, tok, t, depth, generator):
+    """Wrong: siblings each accepted w.p. p(c), ignoring that earlier siblings were rejected."""
+    B = tok.shape[0]
+    rows = torch.arange(B)
+    cur = torch.zeros(B, dtype=torch.long)
+    stopped = torch.zeros(B, dtype=torch.bool)
+    for _ in range(depth):
+        kids = t["children"][cur]
+        valid = (kids >= 0) & ~stopped[:, None]
+        p_kid = probs[rows, cur].gather(1, tok.gather(1, kids.clamp(min=0))) * valid
+        take = valid & (torch.rand(p_kid.shape, generator=generator) < p_kid)
+        moved = take.any(1)
+        cur = torch.where(moved, kids[rows, take.int().argmax(1)], cur)
+        stopped |= ~moved
+    kids = t["children"][cur]
+    final = probs[rows, cur]
+    drop = torch.zeros_like(final).scatter_add_(1, tok.gather(1, kids.clamp(min=0)),
+                                                (kids >= 0).float()) > 0
+    return cur, torch.multinomial(final.masked_fill(drop, 0.0), 1, generator=generator).squeeze(1)
+
+
+def test_the_statistic_catches_a_wrong_sibling_rule(monkeypatch):
+    model = trained_model()
+    s = Sampling(2.0, top_k=4)  # the children hold most of the mass: the rule matters most
+    expected = exact_joint(model, PROMPT, 3, s)
+    monkeypatch.setattr(tree_mod, "accept_tree", _no_residual)
+    samples, _ = sample_many(model, PROMPT, 3, s, mode="tree", tree=SAMPLING_TREE)
+    p, _ = chi_square_pvalue(samples, expected)
+    assert p < 1e-6
