@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/multitoken train --config configs/demo.yaml --out $(DEMO_DIR)
-	$(BIN)/multitoken bench decode --checkpoint $(DEMO_DIR) --prompts 4 --prompt-len 64 --new-tokens 96 --png $(DEMO_DIR)/decode.png
+	$(BIN)/multitoken bench decode --checkpoint $(DEMO_DIR) --prompts 4 --prompt-len 64 --new-tokens 128 --out-png $(DEMO_DIR)/decode.png
 
 test: setup
 	$(BIN)/python -m pytest

@@ -68,7 +68,7 @@ def test_memory_efficient_gradients_equal_naive(head_type, method):
     w = [1.0, 0.7, 0.3]
     ref, g_ref = run(m, x, y, "naive", weights=w)
     out, g = run(m, x, y, method, weights=w)
-    assert math.isclose(float(out.loss), float(ref.loss), rel_tol=1e-5)
+    assert math.isclose(out.loss.item(), ref.loss.item(), rel_tol=1e-5)
     rel = (g - g_ref).abs().max() / g_ref.abs().max()
     assert rel <= 1e-5, rel
     assert [int(c) for c in out.head_correct] == [int(c) for c in ref.head_correct]
