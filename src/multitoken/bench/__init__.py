@@ -1,0 +1,1 @@
+"""Benchmarks behind `multitoken bench ...`: each module has `main(argv) -> int`."""

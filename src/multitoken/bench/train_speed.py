@@ -1,0 +1,186 @@
+"""`multitoken bench train-speed`: step time of n_future=1 vs n_future=n, and their FLOP ratio.
+
+Both models are parameter-matched as in the paper: the same total number of layers, so the n=4
+model has 4 fewer trunk layers and 4 transformer-layer heads, and both have exactly the same
+parameter count (the unembedding is shared by the heads). What differs in compute is that the n-head model
+applies the unembedding (and its cross-entropy) n times. One step = forward + backward + AdamW
+step; the two models' steps alternate A/B/A/B after a warm-up, so drifting machine load hits
+both alike, and each model's figure is the median of its steps.
+
+The n-head model's loss is `mtp_loss` with `--method` (default: the paper's sequential method).
+The n=1 model's is `mtp_loss(method="naive")` by default, which for one head is the textbook
+step (logits, cross-entropy, one backward) through the same cross-entropy code as the n-head
+model, so the two arms differ in the model, not in the loss implementation. `--ntp-method plain`
+uses `F.cross_entropy` instead.
+
+FLOPs (`train_flops`) count matrix multiplies only, forward + backward = 3 x forward:
+    6 * N * (matmul parameters of all layers + n_future * V * d)     (N = tokens per step)
+  + 12 * L * T * d_attn * N                                           (attention scores and mix)
+The attention term is PaLM's (appendix B) and counts the full T x T score matrix even though the
+mask is causal; it is the same in both models, so it only dilutes the ratio (making the target
+stricter, not looser). Norms, rotary, softmax and cross-entropy are elementwise and not counted:
+their cost is part of what the measured ratio may exceed the FLOP ratio by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from multitoken.bench.common import (
+    Timer,
+    format_table,
+    median,
+    print_json,
+    resolve_device,
+    set_threads,
+)
+from multitoken.config import ModelConfig
+from multitoken.loss import IGNORE_INDEX, mtp_loss
+from multitoken.model import MultiTokenModel
+
+TARGET = 1.05  # issue 2: measured ratio <= 1.05 x FLOP ratio
+
+
+def layer_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of one transformer layer that multiply every token (attention + SwiGLU)."""
+    d, hd = cfg.dim, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo; wk, wv
+    return attn + 3 * d * cfg.hidden_dim  # w1, w3, w2
+
+
+def train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> int:
+    """Matmul FLOPs of one training step's forward + backward (see the module docstring)."""
+    tokens = batch * seq_len
+    n_layers = cfg.n_trunk_layers + (cfg.n_future if cfg.layer_heads else 0)
+    params = n_layers * layer_matmul_params(cfg)
+    if not cfg.layer_heads:  # linear heads: one d x d map each
+        params += cfg.n_future * cfg.dim * cfg.dim
+    params += cfg.n_future * cfg.vocab_size * cfg.dim  # the shared unembedding, once per head
+    attention = 12 * n_layers * seq_len * cfg.n_heads * cfg.head_dim * tokens
+    return 6 * params * tokens + attention
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="multitoken bench train-speed",
+        description="Training step time (forward + backward + AdamW) of a next-token model vs a "
+                    "parameter-matched multi-token model, interleaved, with their FLOP ratio.")
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
+    p.add_argument("--dim", type=int, default=256, help="model width (default 256)")
+    p.add_argument("--layers", type=int, default=8,
+                   help="layers in all, trunk + head layers (default 8)")
+    p.add_argument("--n-heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--n-future", type=int, default=4,
+                   help="heads of the multi-token model (default 4)")
+    p.add_argument("--method", default="sequential", choices=("naive", "sequential", "chunked"),
+                   help="loss method of the multi-token model (default sequential)")
+    p.add_argument("--ntp-method", default="naive",
+                   choices=("plain", "naive", "sequential", "chunked"),
+                   help="loss of the n=1 model: plain = F.cross_entropy, else mtp_loss's method "
+                        "(default naive: one backward, same cross-entropy code as mtp_loss)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model (default 3)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model (default 20)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true",
+                   help=f"exit 1 if ratio > {TARGET} x flop_ratio")
+    return p
+
+
+class _Arm:
+    """One model + optimizer + how its loss is computed."""
+
+    def __init__(self, cfg: ModelConfig, method: str, seed: int,
+                 device: torch.device) -> None:
+        torch.manual_seed(seed)
+        self.cfg = cfg
+        self.model = MultiTokenModel(cfg).to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1)
+        self.method = method  # "plain" = F.cross_entropy, else an mtp_loss method
+        self.times: list[float] = []
+        self.device = device
+
+    def step(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
+        with Timer(self.device) as t:
+            self.opt.zero_grad(set_to_none=True)
+            if self.method == "plain":
+                h = self.model.hidden(idx)[0]
+                loss = F.cross_entropy(self.model.unembed(h).flatten(0, 1), targets.flatten(),
+                                       ignore_index=IGNORE_INDEX)
+                loss.backward()
+            else:
+                out = mtp_loss(self.model, idx, targets, method=self.method)
+                if self.method == "naive":
+                    out.loss.backward()
+            self.opt.step()
+        return t.seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_threads(args.threads)
+    if args.n_future < 1 or args.layers < args.n_future:
+        print(f"error: --layers ({args.layers}) must be >= --n-future ({args.n_future}) >= 1",
+              file=sys.stderr)
+        return 1
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.seq_len < 2:
+        print("error: --steps, --batch must be >= 1, --warmup >= 0, --seq-len >= 2",
+              file=sys.stderr)
+        return 1
+    device = resolve_device(args.device)
+
+    def cfg(n: int) -> ModelConfig:
+        return ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
+                           n_heads=args.n_heads, max_seq_len=args.seq_len, n_future=n,
+                           head_type="transformer")
+
+    ntp = _Arm(cfg(1), args.ntp_method, args.seed, device)
+    mtp = _Arm(cfg(args.n_future), args.method, args.seed, device)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g)
+    idx, targets = x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)
+
+    print(f"train-speed: vocab {args.vocab}, dim {args.dim}, {args.layers} layers in all, "
+          f"{args.batch} x {args.seq_len} tokens, n_future 1 ({args.ntp_method}) vs "
+          f"{args.n_future} ({args.method}), device {device}, threads {torch.get_num_threads()}",
+          file=sys.stderr, flush=True)
+    for _ in range(args.warmup):
+        ntp.step(idx, targets)
+        mtp.step(idx, targets)
+    for i in range(args.steps):  # A/B/A/B: slow drifts of the machine's load hit both arms
+        ntp.times.append(ntp.step(idx, targets))
+        mtp.times.append(mtp.step(idx, targets))
+        print(f"  step {i + 1}/{args.steps}: n=1 {ntp.times[-1]:.3f} s, "
+              f"n={args.n_future} {mtp.times[-1]:.3f} s", file=sys.stderr, flush=True)
+
+    rows = []
+    flops = {}
+    for name, arm in (("ntp", ntp), ("mtp", mtp)):
+        f = train_flops(arm.cfg, args.batch, args.seq_len)
+        flops[name] = f
+        med = median(arm.times)
+        rows.append([name, arm.cfg.n_future, f"{arm.cfg.n_trunk_layers}+{arm.cfg.n_future}",
+                     arm.method, sum(p.numel() for p in arm.model.parameters()),
+                     f / 1e9, med, min(arm.times), f / med / 1e9])
+    print(format_table(["model", "n_future", "trunk+head layers", "loss", "params",
+                        "GFLOP/step", "median s", "min s", "GFLOP/s"], rows))
+    ntp_s, mtp_s = median(ntp.times), median(mtp.times)
+    ratio = mtp_s / ntp_s
+    flop_ratio = flops["mtp"] / flops["ntp"]
+    met = ratio <= TARGET * flop_ratio
+    print(f"time ratio {ratio:.3f}, FLOP ratio {flop_ratio:.3f}, time/FLOP ratio "
+          f"{ratio / flop_ratio:.3f} (target <= {TARGET}) -> {'met' if met else 'MISSED'}")
+    print_json({"ntp_step_s": round(ntp_s, 4), "mtp_step_s": round(mtp_s, 4),
+                "ratio": round(ratio, 4), "flop_ratio": round(flop_ratio, 4)})
+    return 1 if (args.check and not met) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
