@@ -226,11 +226,12 @@ def test_cli_generate_streams_text_and_stats(checkpoint, capsys):
     assert out.startswith("def f(x):") and "tokens/forward" in out and "12 tokens" in out
 
 
-def test_cli_generate_errors_are_multitoken_errors(checkpoint):
+def test_cli_generate_errors_are_multitoken_errors(checkpoint, capsys):
     from multitoken.generate import main
 
     with pytest.raises(MultitokenError, match="num_drafts"):
         main(["--checkpoint", str(checkpoint), "--prompt", "x", "--speculative", "chain",
               "--num-drafts", "9"])
+    assert capsys.readouterr().out == ""  # the prompt is not echoed before the error
     with pytest.raises(MultitokenError, match="empty"):
         main(["--checkpoint", str(checkpoint), "--prompt", ""])

@@ -367,12 +367,16 @@ class PlainDecoder:
 class _TextStream:
     """Print decoded text as tokens arrive, holding back an incomplete UTF-8 tail."""
 
-    def __init__(self, tokenizer, file=sys.stdout) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer, prompt: str = "", file=sys.stdout) -> None:  # noqa: ANN001
         self.tok, self.file = tokenizer, file
+        self.prompt = prompt  # echoed with the first tokens, so a bad-input error prints alone
         self.ids: list[int] = []
         self.printed = 0
 
     def __call__(self, fresh: list[list[int]]) -> None:
+        if self.prompt:
+            self.file.write(self.prompt)
+            self.prompt = ""
         self.ids.extend(fresh[0])
         text = self.tok.decode(self.ids)
         end = len(text.rstrip("\ufffd"))  # a multi-byte character may still be arriving
@@ -383,7 +387,7 @@ class _TextStream:
 
     def finish(self) -> None:
         text = self.tok.decode(self.ids)
-        self.file.write(text[self.printed:] + "\n")
+        self.file.write(self.prompt + text[self.printed:] + "\n")
         self.file.flush()
 
 
@@ -431,8 +435,7 @@ def main(argv: list[str]) -> int:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    printer = _TextStream(tokenizer)
-    sys.stdout.write(args.prompt)
+    printer = _TextStream(tokenizer, args.prompt)
     res = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, speculative=mode, num_drafts=num_drafts,
                    stop=None if args.no_stop else tokenizer.eos_id, tree=tree,
