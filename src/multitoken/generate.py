@@ -367,8 +367,8 @@ class PlainDecoder:
 class _TextStream:
     """Print decoded text as tokens arrive, holding back an incomplete UTF-8 tail."""
 
-    def __init__(self, tokenizer, prompt: str = "", file=sys.stdout) -> None:  # noqa: ANN001
-        self.tok, self.file = tokenizer, file
+    def __init__(self, tokenizer, prompt: str = "", file=None) -> None:  # noqa: ANN001
+        self.tok, self.file = tokenizer, file if file is not None else sys.stdout
         self.prompt = prompt  # echoed with the first tokens, so a bad-input error prints alone
         self.ids: list[int] = []
         self.printed = 0
