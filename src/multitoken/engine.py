@@ -232,18 +232,7 @@ class Engine:
 
     def _other_heads(self, z: Tensor, cos: Tensor, sin: Tensor, ctx: DecodeContext) -> Forward:
         """Linear and chained heads: the model's own head modules, parents first."""
-        m = self.model
-        needed: set[int] = set()
-        for i in range(self.n_heads):
-            j: int | None = i
-            while j is not None and j not in needed:
-                needed.add(j)
-                j = m.head_parent(j)
-        out: dict[int, Tensor] = {}
-        for i in m.head_order():
-            if i in needed:
-                parent = m.head_parent(i)
-                out[i] = m.head(i, z if parent is None else out[parent], cos, sin, ctx)
+        out = self.model.run_heads(z, range(self.n_heads), cos, sin, ctx)
         hs = torch.stack([out[i] for i in range(1, self.n_heads)]) if self.n_heads > 1 else None
         return Forward(h0=out[0], ctx=ctx, hs=hs)
 

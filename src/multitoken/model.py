@@ -268,7 +268,13 @@ class MultiTokenModel(nn.Module):
         T = idx.shape[1]
         cos, sin = self.rope(T, pos)
         z = self.trunk(idx, cos, sin, ctx)
-        wanted = set(range(self.cfg.n_future) if heads is None else heads)
+        return self.run_heads(z, range(self.cfg.n_future) if heads is None else heads, cos, sin,
+                              ctx)
+
+    def run_heads(self, z: Tensor, heads: Sequence[int], cos: Tensor, sin: Tensor,
+                  ctx: DecodeContext | None = None) -> dict[int, Tensor]:
+        """The requested heads on trunk output z [B, T, D], parents first -> {i: h_i}."""
+        wanted = set(heads)
         needed = set()
         for i in wanted:  # close over parents
             j: int | None = i
