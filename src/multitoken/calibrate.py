@@ -286,6 +286,8 @@ def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
+    from multitoken.generate import add_threads_argument
+
     p = argparse.ArgumentParser(prog="multitoken calibrate", description=(
         "Measure per-head top-k acceptance on held-out data and decode forward costs on this "
         "machine; store the best chain length and draft tree in <checkpoint>/calibration.json."))
@@ -298,9 +300,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: decode steps are many small ops; a "
-                   "second thread mostly adds synchronisation)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     from multitoken.checkpoint import find_checkpoint, load_checkpoint
 

@@ -391,6 +391,13 @@ class _TextStream:
         self.file.flush()
 
 
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """The decoding commands' --threads (generate, calibrate, bench decode)."""
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: decode steps are many small ops; a "
+                   "second thread mostly adds synchronisation)")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="multitoken generate", description=(
         "Decode from a checkpoint, streaming text as it is accepted, then print the stats. "
@@ -408,9 +415,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: decode steps are many small ops; a "
-                   "second thread mostly adds synchronisation)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
 
     from multitoken.calibrate import load_calibration

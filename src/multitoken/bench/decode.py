@@ -48,6 +48,8 @@ def _plot(path: Path, modes: dict[str, dict[str, Any]], heads: dict[str, int]) -
 
 
 def main(argv: list[str]) -> int:
+    from multitoken.generate import add_threads_argument
+
     p = argparse.ArgumentParser(prog="multitoken bench decode", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompts", type=int, default=32)
@@ -59,9 +61,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-tree", action="store_true", help="skip tree speculation")
     p.add_argument("--out-png", default=None, help="plot path (default: none)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: decode steps are many small ops; a "
-                   "second thread mostly adds synchronisation)")
+    add_threads_argument(p)
     p.add_argument("--reps", type=int, default=20, help="repetitions of each forward timing")
     args = p.parse_args(argv)
 
