@@ -97,3 +97,12 @@ def test_cli_error_has_no_traceback(tmp_path):
     r = cli(["train", "--model.n_future=0"])
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().startswith("error:")
+
+
+def test_without_out_a_new_run_dir_under_runs(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = tiny_overrides(corpus, tmp_path / "cache", steps=2)
+    assert main(["train", "--no-progress", "--no-sample", *base]) == 0
+    assert main(["train", "--no-progress", "--no-sample", *base]) == 0  # never reuses a run dir
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "checkpoint" / "config.json").is_file() for r in runs)
