@@ -95,8 +95,6 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--batches", type=int, default=32)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    import dataclasses
-
     from multitoken.checkpoint import load_checkpoint, read_config
     from multitoken.config import DataConfig, from_dict
     from multitoken.data import prepare_data, resolve_files, tokenize_files, val_batches
@@ -108,12 +106,11 @@ def cmd_eval(argv: list[str]) -> int:
     seq_len = args.seq_len or meta.get("run", {}).get("train", {}).get("seq_len") or 256
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({model.cfg.max_seq_len})")
+    dcfg = from_dict(DataConfig, meta.get("run", {}).get("data", {}), prefix="data.")
     if args.files:
-        dcfg = from_dict(DataConfig, meta.get("run", {}).get("data", {}), prefix="data.")
         tokens = tokenize_files(resolve_files(args.files), tok, dcfg.cache_dir)
     else:
-        dcfg = from_dict(DataConfig, meta.get("run", {}).get("data", {}), prefix="data.")
-        tokens = prepare_data(dataclasses.replace(dcfg), tok).val
+        tokens = prepare_data(dcfg, tok).val
     res = evaluate(model, val_batches(tokens, seq_len, args.batch_size, args.batches), device)
     print(f"{'head':>6} {'loss':>8} {'top-1 acc':>10}")
     for i, (loss, acc) in enumerate(zip(res["head_loss"], res["head_acc"])):

@@ -20,6 +20,7 @@ they return detached losses, with gradients already accumulated in the parameter
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -146,7 +147,7 @@ def mtp_loss(model: MultiTokenModel, idx: Tensor, targets: Tensor, *, method: st
     w = weights if weights is not None else [1.0] * n
     labels = [shift_targets(targets, i) for i in range(n)]
     counts = [lab.ne(IGNORE_INDEX).sum() for lab in labels]
-    ctx = autocast or _null
+    ctx = autocast or contextlib.nullcontext
     if method == "naive":
         with ctx():
             hs = model.hidden(idx)
@@ -160,12 +161,6 @@ def mtp_loss(model: MultiTokenModel, idx: Tensor, targets: Tensor, *, method: st
     if method not in ("sequential", "chunked"):
         raise ConfigError(f"loss.method must be naive, sequential or chunked, got {method!r}")
     return _sequential(model, idx, labels, counts, w, loss_scale, method == "chunked", ctx)
-
-
-def _null() -> object:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], counts: list[Tensor],

@@ -31,7 +31,7 @@ from multitoken import checkpoint as ckpt_io
 from multitoken import distributed as dist_mod
 from multitoken.config import RunConfig, to_dict
 from multitoken.errors import CheckpointError, ConfigError
-from multitoken.loss import IGNORE_INDEX, LossOutput, evaluate_batch, head_weights
+from multitoken.loss import LossOutput, evaluate_batch, head_weights
 from multitoken.model import MultiTokenModel
 
 
@@ -303,4 +303,4 @@ def fmt(xs: list[float]) -> str:
     return " ".join(f"{x:.3f}" for x in xs)
 
 
-__all__ = ["IGNORE_INDEX", "evaluate", "train"]
+__all__ = ["evaluate", "train"]
