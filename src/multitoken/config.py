@@ -196,6 +196,44 @@ class RunConfig:
         head_weights(self.loss.weights, self.model.n_future)
 
 
+@dataclass
+class DistillConfig:
+    """`multitoken distill`: fine-tune the draft heads on the model's own greedy output.
+
+    The trunk, head 1, the shared norm and the unembedding stay frozen, so plain decoding
+    (and every speculative output, which equals it) is unchanged bit for bit; only how often
+    the drafts are accepted changes. See multitoken/distill.py.
+    """
+
+    sequences: int = 768  # greedy continuations generated from training-split prompts
+    prompt_len: int = 128
+    # Tokens decoded per prompt; None = fill the model's context, at most 256 (the decode
+    # benchmark's default): drafts must be good at every position decoding reaches.
+    new_tokens: int | None = None
+    gen_batch: int = 64  # sequences decoded together while generating
+    eval_sequences: int = 64  # held-out (validation-split) continuations for before/after
+    steps: int = 400
+    batch_size: int = 16  # sequences per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    target: Literal["soft", "hard"] = "soft"  # head 1's distribution, or its argmax token
+    seed: int = 0
+    threads: int | None = None
+
+    def validate(self) -> None:
+        for name in ("sequences", "prompt_len", "new_tokens", "gen_batch", "eval_sequences",
+                     "steps", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"distill.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"distill.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Strict loading: dicts (from YAML) and dotted overrides into the dataclasses above.
 
