@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# train -> fit the draft heads to the model's own greedy output -> plain vs speculative decoding
 demo: setup
 	$(BIN)/multitoken train --config configs/demo.yaml --out $(DEMO_DIR)
-	$(BIN)/multitoken bench decode --checkpoint $(DEMO_DIR) --prompts 4 --prompt-len 64 --new-tokens 128 --out-png $(DEMO_DIR)/decode.png
+	$(BIN)/multitoken distill --checkpoint $(DEMO_DIR) --out $(DEMO_DIR)/distilled --sequences 256 --prompt-len 64 --new-tokens 128 --steps 150
+	$(BIN)/multitoken bench decode --checkpoint $(DEMO_DIR)/distilled --prompts 4 --prompt-len 64 --new-tokens 128 --out-png $(DEMO_DIR)/decode.png
 
 test: setup
 	$(BIN)/python -m pytest
