@@ -21,7 +21,7 @@ from multitoken.calibrate import (
     simulate_tokens_per_forward,
     time_forwards,
 )
-from multitoken.tree import Tree
+from multitoken.tree import Tree, default_tree
 
 
 def test_path_probs_counts_rank_prefixes():
@@ -102,6 +102,13 @@ def test_cli_calibrate_then_generate_and_bench(tmp_path, capsys):
     assert set(res["modes"]["tree"]) == {"tokens_per_forward", "speedup", "tok_s"}
     assert res["forward_cost"]["1"] == 1.0 and "4" in res["forward_cost"]
     assert png.stat().st_size > 1000
+    # --tree-size: the first nodes of the calibrated growth order instead of the best tree
+    assert bench_main(["--checkpoint", str(ck), "--prompts", "1", "--prompt-len", "16",
+                       "--new-tokens", "6", "--heads", "1", "--reps", "1",
+                       "--tree-size", "5"]) == 0
+    out = capsys.readouterr().out
+    grown = Tree(cal["tree_order"][:5] or default_tree(3, size=5))
+    assert f"tree: {grown.size} nodes" in out and json.loads(out.splitlines()[-1])["exact"]
 
 
 def test_damaged_calibration_is_ignored(tmp_path, capsys):
@@ -111,7 +118,7 @@ def test_damaged_calibration_is_ignored(tmp_path, capsys):
     assert "ignoring" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--heads", "5"], ["--batch-size", "0"]])
+@pytest.mark.parametrize("bad", [["--heads", "5"], ["--batch-size", "0"], ["--tree-size", "0"]])
 def test_bench_bad_options(tmp_path, bad):
     from multitoken.bench.decode import main as bench_main
     from multitoken.errors import MultitokenError

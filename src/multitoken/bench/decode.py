@@ -59,6 +59,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--heads", default=None,
                    help="chain lengths to run, e.g. 1,2,3 (default: 1..n_future-1)")
     p.add_argument("--no-tree", action="store_true", help="skip tree speculation")
+    p.add_argument("--tree-size", type=int, default=None,
+                   help="tree of this many nodes: the first ones of the calibrated growth order "
+                   "(most likely accepted first), instead of the calibrated best tree")
     p.add_argument("--out-png", default=None, help="plot path (default: none)")
     p.add_argument("--device", default="cpu")
     add_threads_argument(p)
@@ -94,9 +97,16 @@ def main(argv: list[str]) -> int:
 
     calib = load_calibration(args.checkpoint)
     tree_paths = None
+    if args.tree_size is not None and args.tree_size < 1:
+        raise MultitokenError(f"--tree-size must be >= 1, got {args.tree_size}")
     if not args.no_tree:
         by_b = (calib or {}).get("by_batch_size", {}).get(str(args.batch_size), calib)
-        if by_b:
+        if args.tree_size:
+            grown = (calib or {}).get("tree_order") or []
+            tree_paths = grown[:args.tree_size] or default_tree(n - 1, size=args.tree_size)
+            if not grown:
+                print("note: no calibrated growth order: using the default tree of that size")
+        elif by_b:
             tree_paths = by_b["tree"]
         else:
             tree_paths = default_tree(n - 1)
