@@ -1,4 +1,4 @@
-"""`multitoken` command line: train, eval, generate, calibrate, distill, bench.
+"""`multitoken` command line: train, eval, generate, calibrate, distill, convert, bench.
 
 Configuration flags are the dataclass fields themselves: `--model.n_future=2` or
 `--model.n_future 2`, applied on top of `--config recipe.yaml`, strictly (unknown keys fail).
@@ -142,6 +142,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "generate": cmd_module("multitoken.generate"),
     "calibrate": cmd_module("multitoken.calibrate"),
     "distill": cmd_module("multitoken.distill"),
+    "convert": cmd_module("multitoken.interop"),
     "bench": cmd_bench,
 }
 
@@ -149,12 +150,13 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: multitoken {train,eval,generate,calibrate,distill,bench} [options]\n\n"
+        print("usage: multitoken {train,eval,generate,calibrate,distill,convert,bench} [options]\n\n"
               "  train      train a multi-token prediction model (--config configs/demo.yaml)\n"
               "  eval       per-head validation loss and accuracy of a checkpoint\n"
               "  generate   decode from a checkpoint (plain or self-speculative)\n"
               "  calibrate  measure head acceptance and forward costs; choose the draft tree\n"
               "  distill    fine-tune the draft heads on the model's own greedy output\n"
+              "  convert    import Meta's MTP release or a HF Llama; export to HF Llama\n"
               "  bench      train-memory | train-speed | decode")
         return 0
     cmd = COMMANDS.get(argv[0])

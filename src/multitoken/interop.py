@@ -1,0 +1,283 @@
+"""Interop: Meta's MTP release and Hugging Face Llama, by renaming weights (docs/weights.md).
+
+    load_meta(dir)            params.json + consolidated.00.pth -> MultiTokenModel (all heads)
+    load_hf_llama(dir)        a Hugging Face Llama directory (safetensors) -> n_future=1 model
+    export_hf_llama(model, dir)  trunk + head 1 -> a LlamaForCausalLM directory (safetensors)
+
+No modelling code is copied or forked: the model is ours, the formats are theirs. Meta's
+`.pth` is read with `torch.load(weights_only=True)` (no arbitrary unpickling). Meta's rotary
+embedding rotates interleaved pairs (2j, 2j+1); ours (and Hugging Face's) rotates halves
+(j, j + hd/2), so Meta's wq/wk rows are permuted on load exactly as Hugging Face's own Llama
+conversion script does. Hugging Face Llama needs no permutation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from multitoken.config import ModelConfig
+from multitoken.errors import CheckpointError
+from multitoken.model import MultiTokenModel
+
+_LAYER = {  # ours -> Hugging Face, inside one transformer layer
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def _meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Llama's FFN width rule (Meta's reference code)."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def interleaved_to_halves(w: Tensor, n_heads: int) -> Tensor:
+    """Permute the rows of a Meta q/k projection [n_heads * hd, D] from interleaved rotary
+    pairs to rotate-half pairs (the permutation of HF's convert_llama_weights_to_hf.py)."""
+    out, d = w.shape
+    hd = out // n_heads
+    return w.view(n_heads, hd // 2, 2, d).transpose(1, 2).reshape(out, d)
+
+
+def _finish(cfg: ModelConfig, sd: dict[str, Tensor], where: Path,
+            dtype: torch.dtype | None) -> MultiTokenModel:
+    with torch.device("meta"):
+        model = MultiTokenModel(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("output.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{where}: weights do not match the config: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise CheckpointError(f"{where}: {k} has shape {tuple(sd[k].shape)}, the config "
+                                  f"implies {tuple(shape)}")
+    model = MultiTokenModel(cfg)
+    model.load_state_dict(sd, strict=False)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_meta(directory: str | Path, *, max_seq_len: int = 4096,
+              dtype: torch.dtype | None = None) -> MultiTokenModel:
+    """Meta's MTP release (`params.json`, `consolidated.00.pth`) as a MultiTokenModel."""
+    d = Path(directory)
+    p = _read_json(d / "params.json")
+    shards = sorted(d.glob("consolidated.*.pth"))
+    if len(shards) != 1:
+        raise CheckpointError(f"{d}: expected exactly one consolidated.*.pth (model-parallel "
+                              f"shards are not supported), found {len(shards)}")
+    try:
+        raw = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"cannot read {shards[0]}: {e}".splitlines()[0]) from None
+    try:
+        n_future = int(p.get("n_future_tokens", 1))
+        n_layers_meta = int(p["n_layers"])  # trunk + head 1
+        n_heads = int(p["n_heads"])
+        n_kv = int(p.get("n_kv_heads") or n_heads)
+        dim = int(p["dim"])
+        vocab = int(p.get("vocab_size", -1))
+        if vocab <= 0:
+            vocab = int(raw["tok_embeddings.weight"].shape[0])
+        cfg = ModelConfig(
+            vocab_size=vocab, dim=dim, n_layers=n_layers_meta + n_future - 1, n_heads=n_heads,
+            n_kv_heads=n_kv if n_kv != n_heads else None,
+            ffn_hidden=_meta_hidden_dim(dim, int(p.get("multiple_of", 256)),
+                                        p.get("ffn_dim_multiplier")),
+            norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 1e4)),
+            max_seq_len=max_seq_len, n_future=n_future)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{d / 'params.json'}: cannot build a model config: {e}") from None
+    n_trunk = cfg.n_trunk_layers
+    sd: dict[str, Tensor] = {}
+    for name, t in raw.items():
+        if name.startswith("rope.freqs"):
+            continue  # Meta's precomputed rotary table; ours is rebuilt from rope_theta
+        ours = name
+        parts = name.split(".")
+        if parts[0] == "layers" and int(parts[1]) >= n_trunk:
+            ours = ".".join(["heads", str(int(parts[1]) - n_trunk), *parts[2:]])
+        elif parts[0] == "extra_heads":
+            ours = ".".join(["heads", str(int(parts[1]) + 1), *parts[2:]])
+        if name.endswith("attention.wq.weight"):
+            t = interleaved_to_halves(t, n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = interleaved_to_halves(t, n_kv)
+        sd[ours] = t
+    return _finish(cfg, sd, d, dtype)
+
+
+def _hf_rope_theta(c: dict[str, Any]) -> float:
+    if "rope_theta" in c:
+        return float(c["rope_theta"])
+    rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rp.get("rope_type", "default") != "default":
+        raise CheckpointError(f"rope scaling {rp.get('rope_type')!r} is not supported")
+    return float(rp.get("rope_theta", 1e4))
+
+
+def load_hf_llama(directory: str | Path, *, dtype: torch.dtype | None = None) -> MultiTokenModel:
+    """A Hugging Face Llama directory (config.json + *.safetensors) as an n_future=1 model."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    c = _read_json(d / "config.json")
+    if c.get("model_type") != "llama":
+        raise CheckpointError(f"{d}: model_type {c.get('model_type')!r} is not 'llama'")
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{d}: no .safetensors weights (pickled .bin files are not read)")
+    raw: dict[str, Tensor] = {}
+    for f in files:
+        raw.update(load_file(str(f)))
+    n = int(c["num_hidden_layers"])
+    heads = int(c["num_attention_heads"])
+    kv = int(c.get("num_key_value_heads") or heads)
+    if c.get("head_dim") not in (None, c["hidden_size"] // heads):
+        raise CheckpointError(f"{d}: head_dim != hidden_size / num_attention_heads")
+    cfg = ModelConfig(vocab_size=int(c["vocab_size"]), dim=int(c["hidden_size"]), n_layers=n,
+                      n_heads=heads, n_kv_heads=kv if kv != heads else None,
+                      ffn_hidden=int(c["intermediate_size"]), norm_eps=float(c["rms_norm_eps"]),
+                      rope_theta=_hf_rope_theta(c),
+                      max_seq_len=int(c.get("max_position_embeddings", 4096)), n_future=1,
+                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    back = {v: k for k, v in _LAYER.items()}
+    sd: dict[str, Tensor] = {}
+    for name, t in raw.items():
+        if name == "model.embed_tokens.weight":
+            sd["tok_embeddings.weight"] = t
+        elif name == "model.norm.weight":
+            sd["norm.weight"] = t
+        elif name == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                sd["output.weight"] = t
+        elif name.startswith("model.layers."):
+            _, _, idx, rest = name.split(".", 3)
+            if rest not in back:
+                raise CheckpointError(f"{d}: unexpected weight {name}")
+            i = int(idx)
+            prefix = f"layers.{i}" if i < n - 1 else "heads.0"  # the last layer is head 1
+            sd[f"{prefix}.{back[rest]}"] = t
+        elif not name.endswith("rotary_emb.inv_freq"):
+            raise CheckpointError(f"{d}: unexpected weight {name}")
+    return _finish(cfg, sd, d, dtype)
+
+
+def export_hf_llama(model: MultiTokenModel, directory: str | Path) -> Path:
+    """Write the trunk + head 1 as a Hugging Face LlamaForCausalLM (config.json +
+    model.safetensors); the extra heads are dropped (HF Llama has none)."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    if cfg.head_type not in ("transformer", "causal") and cfg.n_future > 1:
+        raise CheckpointError(f"{cfg.head_type} heads have no Llama equivalent: head 1 must be "
+                              "one transformer layer on the trunk")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    out: dict[str, Tensor] = {"model.embed_tokens.weight": sd["tok_embeddings.weight"],
+                              "model.norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["output.weight"]
+    n_trunk = cfg.n_trunk_layers
+    for name, t in sd.items():
+        parts = name.split(".", 2)
+        if parts[0] == "layers":
+            out[f"model.layers.{parts[1]}.{_LAYER[parts[2]]}"] = t
+        elif parts[0] == "heads" and parts[1] == "0":
+            out[f"model.layers.{n_trunk}.{_LAYER[parts[2]]}"] = t
+    save_file({k: v.detach().cpu().contiguous() for k, v in out.items()},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": n_trunk + 1, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+    }
+    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return d
+
+
+def main(argv: list[str]) -> int:
+    """`multitoken convert`: Meta or Hugging Face weights <-> multitoken checkpoints."""
+    import argparse
+
+    from multitoken.checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
+    from multitoken.errors import MultitokenError
+    from multitoken.tokenizer import BPETokenizer, load_tokenizer
+
+    p = argparse.ArgumentParser(prog="multitoken convert", description=(
+        "Import Meta's MTP release or a Hugging Face Llama as a multitoken checkpoint, or "
+        "export a checkpoint's trunk + head 1 as a Hugging Face Llama."))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--meta", help="Meta release directory (params.json, consolidated.00.pth)")
+    src.add_argument("--hf", help="Hugging Face Llama directory (config.json, *.safetensors)")
+    src.add_argument("--checkpoint", help="multitoken checkpoint to export (with --to-hf)")
+    p.add_argument("--tokenizer", help="tokenizer.json (or a multitoken tokenizer directory); "
+                   "default for --hf: its tokenizer.json")
+    p.add_argument("--out", help="new multitoken checkpoint directory (with --meta / --hf)")
+    p.add_argument("--to-hf", help="output directory for a Hugging Face Llama (with --checkpoint)")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="context for --meta models")
+    args = p.parse_args(argv)
+
+    def fresh(path: str | None, flag: str) -> Path:
+        if not path:
+            raise MultitokenError(f"{flag} is required here")
+        d = Path(path)
+        if d.exists() and any(d.iterdir()):
+            raise MultitokenError(f"{d} already exists and is not empty; choose a new {flag}")
+        return d
+
+    if args.checkpoint:
+        out = fresh(args.to_hf, "--to-hf")
+        model, tokenizer = load_checkpoint(args.checkpoint)
+        export_hf_llama(model, out)
+        if isinstance(tokenizer, BPETokenizer):
+            tokenizer.save(out)  # a Hugging Face tokenizer.json
+        print(f"wrote {out} (trunk + head 1; {model.n_future - 1} extra heads dropped)")
+        return 0
+    out = fresh(args.out, "--out")
+    if args.meta:
+        if not args.tokenizer:
+            raise MultitokenError("--meta needs --tokenizer (a tokenizer.json for its vocabulary)")
+        model = load_meta(args.meta, max_seq_len=args.max_seq_len)
+    else:
+        model = load_hf_llama(args.hf)
+    tokenizer = load_tokenizer(args.tokenizer or Path(args.hf) / "tokenizer.json")
+    check_tokenizer(tokenizer, model.cfg, None, args.tokenizer or args.hf)
+    save_checkpoint(out, model, tokenizer, extra={"converted_from": args.meta or args.hf})
+    print(f"wrote {out}: {model.num_params() / 1e6:.1f}M non-embedding parameters, "
+          f"{model.n_future} head(s)")
+    return 0

@@ -1,0 +1,177 @@
+"""Interop against reference implementations: Hugging Face's own Llama, and Meta's rotary
+convention (complex multiplication of interleaved pairs) reimplemented here from its
+definition."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from multitoken.errors import CheckpointError
+from multitoken.interop import export_hf_llama, interleaved_to_halves, load_hf_llama, load_meta
+from multitoken.model import apply_rope, rope_tables
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(tie: bool = False):
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_hf_llama_matches_transformers(tmp_path, tie):
+    hf = _hf_model(tie)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_llama(tmp_path)
+    assert ours.n_future == 1 and ours.cfg.tie_embeddings == tie
+    idx = torch.randint(0, 50, (2, 17))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got = ours(idx)[0]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_export_hf_llama_reproduces_head_1(tmp_path):
+    model = tiny_model(vocab_size=37, n_future=3).eval()
+    export_hf_llama(model, tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 37, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx, heads=[0])[0], atol=1e-4,
+                                   rtol=1e-4)
+        back = load_hf_llama(tmp_path)  # and back: head 1 only
+        torch.testing.assert_close(back(idx)[0], model(idx, heads=[0])[0], atol=1e-5, rtol=1e-5)
+
+
+def _meta_rope(x: torch.Tensor, pos: int, theta: float = 10000.0) -> torch.Tensor:
+    """Meta's llama `apply_rotary_emb`: pairs (2j, 2j+1) as complex numbers times e^{i pos f_j}."""
+    hd = x.shape[-1]
+    freqs = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    rot = torch.polar(torch.ones(hd // 2, dtype=torch.float64), pos * freqs)
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], hd // 2, 2))
+    return torch.view_as_real(xc * rot).reshape(x.shape).float()
+
+
+def test_meta_rotary_permutation_preserves_attention_scores():
+    torch.manual_seed(0)
+    n_heads, hd, D = 2, 8, 16
+    wq, wk = torch.randn(n_heads * hd, D), torch.randn(n_heads * hd, D)
+    x_m, x_n = torch.randn(D), torch.randn(D)
+    m, n = 5, 2
+    cos, sin = rope_tables(hd, 16, 10000.0)
+    for h in range(n_heads):
+        rows = slice(h * hd, (h + 1) * hd)
+        ref = _meta_rope(wq[rows] @ x_m, m) @ _meta_rope(wk[rows] @ x_n, n)
+        q = (interleaved_to_halves(wq, n_heads)[rows] @ x_m).view(1, 1, 1, hd)
+        k = (interleaved_to_halves(wk, n_heads)[rows] @ x_n).view(1, 1, 1, hd)
+        got = (apply_rope(q, cos[m][None, None], sin[m][None, None])
+               * apply_rope(k, cos[n][None, None], sin[n][None, None])).sum()
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def _halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out, d = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, d).transpose(1, 2).reshape(out, d)
+
+
+def _write_meta(model, root):
+    """Our model in Meta's release layout (names, interleaved rotary rows, params.json)."""
+    cfg = model.cfg
+    n_trunk = cfg.n_trunk_layers
+    sd = {}
+    for name, t in model.state_dict().items():
+        parts = name.split(".")
+        if parts[0] == "heads":
+            i = int(parts[1])
+            name = ".".join(["layers", str(n_trunk)] if i == 0 else ["extra_heads", str(i - 1)])
+            name += "." + ".".join(parts[2:])
+        if name.endswith("attention.wq.weight"):
+            t = _halves_to_interleaved(t, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = _halves_to_interleaved(t, cfg.kv_heads)
+        sd[name] = t.clone()
+    sd["rope.freqs"] = torch.zeros(cfg.head_dim // 2)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, root / "consolidated.00.pth")
+    (root / "params.json").write_text(json.dumps({
+        "dim": cfg.dim, "n_layers": n_trunk + 1, "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.kv_heads, "multiple_of": cfg.multiple_of, "norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
+        "n_future_tokens": cfg.n_future}))
+
+
+def test_load_meta_maps_names_heads_and_config(tmp_path):
+    model = tiny_model(vocab_size=37, n_future=3, n_layers=5).eval()
+    _write_meta(model, tmp_path / "meta")
+    loaded = load_meta(tmp_path / "meta", max_seq_len=model.cfg.max_seq_len)
+    assert (loaded.cfg.n_layers, loaded.n_future) == (5, 3)  # Meta's n_layers counts trunk + head 1
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    idx = torch.randint(0, 37, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx))
+
+
+def test_interop_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="params.json"):
+        load_meta(tmp_path)
+    (tmp_path / "params.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="consolidated"):
+        load_meta(tmp_path)
+    (tmp_path / "consolidated.00.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_meta(tmp_path)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="not 'llama'"):
+        load_hf_llama(hf)
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_hf_llama(hf)
+    with pytest.raises(CheckpointError, match="anticausal"):
+        export_hf_llama(tiny_model(head_type="anticausal"), tmp_path / "x")
+
+
+def test_cli_convert_hf_in_and_out(tmp_path, capsys):
+    from multitoken.checkpoint import load_checkpoint
+    from multitoken.errors import MultitokenError
+    from multitoken.interop import main
+    from multitoken.tokenizer import ByteTokenizer
+
+    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ByteTokenizer().save(tmp_path / "tok")
+    assert main(["--hf", str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "ck")]) == 0
+    model, tok = load_checkpoint(tmp_path / "ck")
+    idx = torch.tensor([tok.encode("def f(x):")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=1e-4)
+    assert main(["--checkpoint", str(tmp_path / "ck"), "--to-hf", str(tmp_path / "hf2")]) == 0
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, hf(idx).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(MultitokenError, match="not empty"):
+        main(["--checkpoint", str(tmp_path / "ck"), "--to-hf", str(tmp_path / "hf2")])
+    with pytest.raises(MultitokenError, match="--tokenizer"):
+        main(["--meta", str(tmp_path / "hf"), "--out", str(tmp_path / "m")])
+    # a tokenizer whose vocabulary does not match the model's
+    small = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4)
+    transformers.LlamaForCausalLM(small).save_pretrained(tmp_path / "hf50")
+    with pytest.raises(CheckpointError, match="260 tokens but the model's vocab_size is 50"):
+        main(["--hf", str(tmp_path / "hf50"), "--tokenizer", str(tmp_path / "tok"),
+              "--out", str(tmp_path / "ck50")])
