@@ -273,8 +273,8 @@ def load_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
-    """The held-out split the checkpoint's run never trained on, tokenized as it was."""
+def data_splits(checkpoint: str | Path, tokenizer: Any) -> Any:
+    """The checkpoint run's corpus split (a `DataBundle`: .train, .val), tokenized as it was."""
     from multitoken.checkpoint import read_config
     from multitoken.config import DataConfig, from_dict
     from multitoken.data import prepare_data
@@ -282,7 +282,12 @@ def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
     meta = read_config(checkpoint)
     run = meta.get("run") or meta
     dcfg = from_dict(DataConfig, run.get("data", {}), prefix="data.")
-    return prepare_data(dcfg, tokenizer).val
+    return prepare_data(dcfg, tokenizer)
+
+
+def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
+    """The held-out split the checkpoint's run never trained on, tokenized as it was."""
+    return data_splits(checkpoint, tokenizer).val
 
 
 def main(argv: list[str]) -> int:

@@ -144,6 +144,15 @@ def model_config_from(meta: dict[str, Any], where: Path | str) -> ModelConfig:
         raise CheckpointError(f"{where}: invalid model config in checkpoint: {e}") from None
 
 
+def new_output_dir(path: str | Path, flag: str) -> Path:
+    """An output directory that may be created: refuse one that already holds files, so a
+    command never writes over earlier results."""
+    d = Path(path)
+    if d.exists() and any(d.iterdir()):
+        raise CheckpointError(f"{d} already exists and is not empty; choose a new {flag}")
+    return d
+
+
 def load_weights(path: Path, model: MultiTokenModel, *, strict: bool = True) -> None:
     """Load safetensors weights into `model`, with a clear error for any mismatch."""
     if not path.is_file():
@@ -152,6 +161,13 @@ def load_weights(path: Path, model: MultiTokenModel, *, strict: bool = True) -> 
         tensors = load_file(str(path), device=str(model.tok_embeddings.weight.device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt or truncated weights file {path}: {e}") from None
+    load_state_dict_checked(model, tensors, path, strict=strict)
+
+
+def load_state_dict_checked(model: MultiTokenModel, tensors: dict[str, torch.Tensor],
+                            path: Path | str, *, strict: bool = True) -> None:
+    """Load `tensors` (from the file or directory `path`) into `model`; any missing,
+    unexpected or wrongly shaped weight is one clear error."""
     expected = model.state_dict()
     if model.cfg.tie_embeddings:
         expected.pop("output.weight", None)

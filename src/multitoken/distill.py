@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -139,13 +138,6 @@ def draft_agreement(model: MultiTokenModel, seqs: Tensor, start: int) -> dict[st
 # The run.
 
 
-def _lr_factor(cfg: DistillConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-
 def resolve_new_tokens(model: MultiTokenModel, cfg: DistillConfig) -> int:
     if cfg.new_tokens is not None:
         return cfg.new_tokens
@@ -173,6 +165,7 @@ def distill(model: MultiTokenModel, train_tokens: Any, val_tokens: Any, cfg: Dis
     from tqdm.auto import tqdm
 
     from multitoken.calibrate import prompts_from
+    from multitoken.train import warmup_cosine
 
     say = log or (lambda *_: None)
     cfg.validate()
@@ -196,7 +189,8 @@ def distill(model: MultiTokenModel, train_tokens: Any, val_tokens: Any, cfg: Dis
 
     params = freeze_all_but_draft_heads(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(train), generator=gen)
     cursor = 0
@@ -215,8 +209,9 @@ def distill(model: MultiTokenModel, train_tokens: Any, val_tokens: Any, cfg: Dis
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
-            history.append({"step": step + 1, "loss": float(loss.detach()), "head_loss": head_losses})
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            loss_f = float(loss.detach())
+            history.append({"step": step + 1, "loss": loss_f, "head_loss": head_losses})
+            bar.set_postfix(loss=f"{loss_f:.3f}")
             if not progress and (step + 1) % max(1, cfg.steps // 10) == 0:
                 say(f"step {step + 1}/{cfg.steps}: loss per draft head "
                     + " ".join(f"{x:.3f}" for x in head_losses))
@@ -270,10 +265,14 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str]) -> int:
     from multitoken.bench.common import format_table, print_json
-    from multitoken.calibrate import validation_tokens
-    from multitoken.checkpoint import find_checkpoint, load_checkpoint, read_config, save_checkpoint
-    from multitoken.config import DataConfig
-    from multitoken.data import prepare_data
+    from multitoken.calibrate import data_splits
+    from multitoken.checkpoint import (
+        find_checkpoint,
+        load_checkpoint,
+        new_output_dir,
+        read_config,
+        save_checkpoint,
+    )
 
     p = argparse.ArgumentParser(prog="multitoken distill", description=(
         "Fine-tune the draft heads on the model's own greedy continuations (trunk and head 1 "
@@ -300,17 +299,14 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise MultitokenError(f"--out {out} would overwrite the source checkpoint {src}")
-    if out.exists() and any(out.iterdir()):
-        raise MultitokenError(f"{out} already exists and is not empty; choose a new --out")
+    new_output_dir(out, "--out")
     model, tokenizer = load_checkpoint(src, device=args.device)
     check_distillable(model, cfg)
     meta = read_config(src)
     run = meta.get("run") or {}
-    dcfg = from_dict(DataConfig, run.get("data", {}), prefix="data.")
-    train_tokens = prepare_data(dcfg, tokenizer).train
-    val_tokens = validation_tokens(src, tokenizer)
+    splits = data_splits(src, tokenizer)
 
-    metrics = distill(model, train_tokens, val_tokens, cfg, progress=not args.no_progress,
+    metrics = distill(model, splits.train, splits.val, cfg, progress=not args.no_progress,
                       log=print)
     ckpt = save_checkpoint(out / "checkpoint", model, tokenizer, run_config=run,
                            step=meta.get("step"),

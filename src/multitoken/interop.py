@@ -55,22 +55,10 @@ def interleaved_to_halves(w: Tensor, n_heads: int) -> Tensor:
 
 def _finish(cfg: ModelConfig, sd: dict[str, Tensor], where: Path,
             dtype: torch.dtype | None) -> MultiTokenModel:
-    with torch.device("meta"):
-        model = MultiTokenModel(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("output.weight", None)
-    missing = sorted(set(expected) - set(sd))
-    extra = sorted(set(sd) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{where}: weights do not match the config: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}")
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != tuple(shape):
-            raise CheckpointError(f"{where}: {k} has shape {tuple(sd[k].shape)}, the config "
-                                  f"implies {tuple(shape)}")
+    from multitoken.checkpoint import load_state_dict_checked
+
     model = MultiTokenModel(cfg)
-    model.load_state_dict(sd, strict=False)
+    load_state_dict_checked(model, sd, where)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
@@ -234,7 +222,12 @@ def main(argv: list[str]) -> int:
     """`multitoken convert`: Meta or Hugging Face weights <-> multitoken checkpoints."""
     import argparse
 
-    from multitoken.checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
+    from multitoken.checkpoint import (
+        check_tokenizer,
+        load_checkpoint,
+        new_output_dir,
+        save_checkpoint,
+    )
     from multitoken.errors import MultitokenError
     from multitoken.tokenizer import BPETokenizer, load_tokenizer
 
@@ -255,10 +248,7 @@ def main(argv: list[str]) -> int:
     def fresh(path: str | None, flag: str) -> Path:
         if not path:
             raise MultitokenError(f"{flag} is required here")
-        d = Path(path)
-        if d.exists() and any(d.iterdir()):
-            raise MultitokenError(f"{d} already exists and is not empty; choose a new {flag}")
-        return d
+        return new_output_dir(path, flag)
 
     if args.checkpoint:
         out = fresh(args.to_hf, "--to-hf")

@@ -56,7 +56,12 @@ def autocast_factory(device: torch.device, dtype: str) -> Callable[[], Any]:
 
 def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     """Linear warmup, then cosine decay to min_lr_ratio * lr at the last step."""
-    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+    return warmup_cosine(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+
+
+def warmup_cosine(warm: int, total: int, floor: float) -> Callable[[int], float]:
+    """LR factor per step: linear warmup over `warm` steps, then cosine decay to `floor` at
+    step `total` (and `floor` after it)."""
 
     def f(step: int) -> float:
         if step < warm:
