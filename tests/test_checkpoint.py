@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -85,3 +86,58 @@ def test_missing_and_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_checkpoint(tmp_path / "empty")
+
+
+def test_any_number_of_crashes_never_loses_every_checkpoint(tmp_path, monkeypatch):
+    """Inject a crash at each point of the save protocol, many times in a row: after every
+    crash a complete checkpoint loads, and it is the last committed one or the one being
+    written, never an older one."""
+    import random
+
+    import multitoken.checkpoint as C
+
+    class Crash(Exception):
+        pass
+
+    m = tiny_model(vocab_size=260)
+    ck = tmp_path / "ck"
+
+    def save(step: int) -> None:
+        with torch.no_grad():
+            m.tok_embeddings.weight.fill_(float(step))
+        save_checkpoint(ck, m, ByteTokenizer(), step=step)
+
+    def loaded_step() -> int:
+        m2, _ = load_checkpoint(ck)
+        step = json.loads((find_checkpoint(ck) / "config.json").read_text())["step"]
+        assert torch.all(m2.tok_embeddings.weight == float(step))
+        return step
+
+    # every crash point the protocol reports, found by one clean save
+    points: list[str] = []
+    monkeypatch.setattr(C, "_crash_point", points.append)
+    save(0)
+    save(1)
+    assert {"tmp-complete", "final-moved", "committed", "renamed-to-trash"} <= set(points)
+    committed, rng = 1, random.Random(0)
+    for step in range(2, 160):
+        k = rng.randrange(len(points) + 1)  # crash at the k-th crash point (or not at all)
+        calls = iter(range(10**6))
+
+        def point(name: str, k: int = k, calls: Iterator[int] = calls) -> None:
+            if next(calls) == k:
+                raise Crash(name)
+
+        monkeypatch.setattr(C, "_crash_point", point)
+        try:
+            save(step)
+            committed = step
+        except Crash:
+            pass
+        monkeypatch.setattr(C, "_crash_point", lambda name: None)
+        got = loaded_step()
+        assert got in (committed, step)
+        committed = got
+    save(999)
+    assert loaded_step() == 999
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -9,16 +9,21 @@ Layout of a checkpoint directory (what `load_checkpoint` reads):
                          plain containers only, so it loads with weights_only=True)
     calibration.json     optional: written by `multitoken calibrate`
 
-Atomicity: a new checkpoint is written to `<dir>.tmp`, then the old one is renamed to `<dir>.old`,
-the new one renamed into place, and `<dir>.old` deleted. At every instant one complete
-checkpoint exists under `<dir>` or `<dir>.old`; `find_checkpoint` recovers the latter.
+Atomicity: a new checkpoint is written to `<dir>.tmp`, then the current one is renamed to
+`<dir>.old`, the new one renamed into place, and `<dir>.old` retired. Directories are only ever
+created complete (by renaming a finished `.tmp`) and only ever deleted after being renamed out of
+the way (so no half-deleted checkpoint is ever visible), and `<dir>.old` is retired only while a
+complete `<dir>` exists. Hence, through any number of crashes at any point, one complete checkpoint
+exists under `<dir>` or `<dir>.old`; `find_checkpoint` recovers the latter.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +90,10 @@ def save_checkpoint(directory: str | Path, model: MultiTokenModel, tokenizer: An
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + ".tmp")
     old = final.with_name(final.name + ".old")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _sweep_trash(final)
+    if tmp.exists():  # an unfinished save; never the only complete copy (see the module docstring)
+        _remove(tmp)
+    _crash_point("tmp-cleared")
     tmp.mkdir()
 
     sd = state_dict if state_dict is not None else model.state_dict()
@@ -106,8 +113,10 @@ def save_checkpoint(directory: str | Path, model: MultiTokenModel, tokenizer: An
     for name, src in (add_dirs or {}).items():
         os.replace(src, tmp / name)
     # Carry over calibration results made for the same weights' shape, if any.
-    if (final / "calibration.json").is_file():
-        shutil.copy2(final / "calibration.json", tmp / "calibration.json")
+    for prev in (final, old):
+        if (prev / "calibration.json").is_file():
+            shutil.copy2(prev / "calibration.json", tmp / "calibration.json")
+            break
     _write_json(tmp / CONFIG, meta)  # last: a directory with config.json is complete
     for f in tmp.rglob("*"):
         if f.is_file():
@@ -115,15 +124,43 @@ def save_checkpoint(directory: str | Path, model: MultiTokenModel, tokenizer: An
                 os.fsync(fh.fileno())
     _fsync_dir(tmp)
 
-    if old.exists():
-        shutil.rmtree(old)
+    _crash_point("tmp-complete")
+
     if final.exists():
+        # `final` is complete (it only ever appears by renaming a finished tmp), so the previous
+        # `old` is redundant now. When `final` is missing (a crash between the two renames),
+        # `old` is the only complete checkpoint and must survive until the new one is in place.
+        if old.exists():
+            _remove(old)
+            _crash_point("old-removed")
         os.replace(final, old)
+        _crash_point("final-moved")
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+    _crash_point("committed")
     if old.exists():
-        shutil.rmtree(old)
+        _remove(old)
     return final
+
+
+def _crash_point(name: str) -> None:
+    """Called between the steps of the save protocol; tests replace it to inject a crash."""
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory without ever exposing it half-deleted under its own name: rename it to
+    a unique `*.trash-*` name first (atomic), then delete that."""
+    trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(path, trash)
+    _crash_point("renamed-to-trash")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _sweep_trash(final: Path) -> None:
+    """Delete what a crash inside `_remove` left behind."""
+    if final.parent.is_dir():
+        for t in final.parent.glob(f"{glob.escape(final.name)}.*.trash-*"):
+            shutil.rmtree(t, ignore_errors=True)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
