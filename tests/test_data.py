@@ -111,16 +111,37 @@ def test_split_skips_non_utf8(tmp_path: Path) -> None:
 
 def test_split_max_files_and_small_corpora(tmp_path: Path) -> None:
     make_corpus(tmp_path / "c", 20)
-    small = split_corpus(cfg_for(tmp_path / "c", max_files=4))
+    small = split_corpus(cfg_for(tmp_path / "c", max_files=4, val_fraction=0.25))
     assert len(small.train) + len(small.val) == 4 and small.val and small.train
+    assert not small.note
     make_corpus(tmp_path / "two", 2)
-    two = split_corpus(cfg_for(tmp_path / "two"))
+    two = split_corpus(cfg_for(tmp_path / "two", val_fraction=0.5))
     assert len(two.train) == 1 and len(two.val) == 1
-    make_corpus(tmp_path / "one", 1)
-    with pytest.raises(DataError, match="at least 2 files"):
-        split_corpus(cfg_for(tmp_path / "one"))
     with pytest.raises(DataError, match="no such file"):
         split_corpus(cfg_for(tmp_path / "nowhere"))
+
+
+def test_one_file_is_split_by_position(tmp_path: Path) -> None:
+    """nanoGPT's single input.txt is a normal corpus: one file, too few to split by file, is
+    split by position, its last val_fraction being validation, and the split says so."""
+    n_files = 1
+    lines = [f"line {i}: naïve text {'x' * (i % 37)}\n" for i in range(400)]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "input.txt").write_text("".join(lines), encoding="utf-8")
+    cfg = cfg_for(tmp_path / "c", val_fraction=0.1)
+    split = split_corpus(cfg)
+    assert "too few to split by file" in split.note and "its last 10%" in split.note
+    sources = sorted((tmp_path / "c").iterdir())
+    assert len(split.train) == len(split.val) == n_files
+    for src, tr, va in zip(sources, split.train, split.val):
+        text, a, b = (f.read_text(encoding="utf-8") for f in (src, tr, va))
+        assert a + b == text and a.endswith("\n")  # nothing lost or repeated, cut at a line
+        assert 0.05 < len(b) / len(text) < 0.15
+    again = split_corpus(cfg)  # cached: the same files, not rewritten
+    assert again.train == split.train and [p.stat().st_mtime_ns for p in again.val] == \
+        [p.stat().st_mtime_ns for p in split.val]
+    bundle = prepare_data(cfg)
+    assert len(bundle.val) > 0 and len(bundle.train) > 5 * len(bundle.val)
 
 
 def test_split_stdlib_subset(tmp_path: Path) -> None:

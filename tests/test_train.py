@@ -44,7 +44,7 @@ def test_train_writes_run_dir_and_resumes_after_kill(tmp_path, corpus):
     # same run, killed with SIGKILL right after step 5 (last checkpoint: step 4), then resumed
     b = tmp_path / "b"
     r = cli(["train", "--out", str(b), "--no-progress", "--no-sample", *base],
-            env={"MULTITOKEN_TEST_KILL_AT_STEP": "5"})
+            env={"MULTITOKEN_TEST_SIGNAL": "5:SIGKILL"})
     assert r.returncode == -9, r.stderr[-2000:]
     assert max(train_losses(b)) == 5
     r = cli(["train", "--out", str(b), "--resume", "--no-progress", "--no-sample", *base])
@@ -65,7 +65,7 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus, capsys):
     # resuming with a different model shape is refused, and the checkpoint is untouched
     assert main(["train", "--out", str(out), "--resume", "--no-progress", "--no-sample", *base,
                  "--model.dim=64"]) == 2
-    assert "model config differs" in capsys.readouterr().err
+    assert "--resume: model.dim=64 differs" in capsys.readouterr().err
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
 
 
@@ -106,3 +106,82 @@ def test_without_out_a_new_run_dir_under_runs(tmp_path, corpus, monkeypatch):
     assert main(["train", "--no-progress", "--no-sample", *base]) == 0  # never reuses a run dir
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all((r / "checkpoint" / "config.json").is_file() for r in runs)
+
+
+def test_resume_continues_the_run_as_configured(tmp_path, corpus, capsys):
+    """--resume reads the run's saved config: a recipe or flag may extend the schedule, but
+    one that changes the model, data or tokenizer is an error naming the field."""
+    base = tiny_overrides(corpus, tmp_path / "cache", steps=4)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--no-progress", "--no-sample", *base]) == 0
+    before = (out / "checkpoint" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    other = make_corpus(tmp_path / "other", n_files=4, seed=1)
+    for extra, field in [([f"--data.paths=['{other}']"], "data.paths"),
+                         (["--data.tokenizer=bpe"], "data.tokenizer"),
+                         (["--config", "configs/demo.yaml"], "model."),
+                         (["--train.seq_len=16"], "train.seq_len")]:
+        assert main(["train", "--out", str(out), "--resume", "--no-progress", "--no-sample",
+                     *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --resume: {field}") and len(err.splitlines()) == 1, err
+        assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
+    # no data flags at all: the run's own corpus, cache and shape; more steps allowed
+    assert main(["train", "--out", str(out), "--resume", "--no-progress", "--no-sample",
+                 "--train.steps=6"]) == 0
+    printed = capsys.readouterr().out
+    assert "resume: train.steps: 4 -> 6" in printed
+    assert sorted(train_losses(out)) == list(range(1, 7))
+    assert f"'{corpus}'" in (out / "config.yaml").read_text() or str(corpus) in \
+        (out / "config.yaml").read_text()
+    # fewer steps than done: nothing to train, and it says so
+    assert main(["train", "--out", str(out), "--resume", "--no-progress", "--no-sample",
+                 "--train.steps=2"]) == 0
+    assert "already at step 6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path, corpus, sig, code):
+    """Ctrl-C (or SIGTERM) before the first scheduled checkpoint saves one at the step it
+    stopped, exits 130/143 naming it, and --resume continues the same loss curve."""
+    base = [*tiny_overrides(corpus, tmp_path / "cache", steps=6), "--train.ckpt_every=100"]
+    ref = tmp_path / "ref"
+    assert main(["train", "--out", str(ref), "--no-progress", "--no-sample", *base]) == 0
+    run = tmp_path / "run"
+    r = cli(["train", "--out", str(run), "--no-sample", *base],
+            env={"MULTITOKEN_TEST_SIGNAL": f"3:{sig}"})
+    assert r.returncode == code, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted by {sig}: saved a checkpoint at step 3"), last
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 3
+    r = cli(["train", "--out", str(run), "--resume", "--no-progress", "--no-sample"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert train_losses(run) == train_losses(ref)
+
+
+def test_a_folder_without_checkpoint_starts_again(tmp_path, corpus, capsys):
+    base = [*tiny_overrides(corpus, tmp_path / "cache", steps=3), "--train.ckpt_every=100"]
+    run = tmp_path / "run"
+    r = cli(["train", "--out", str(run), "--no-progress", "--no-sample", *base],
+            env={"MULTITOKEN_TEST_SIGNAL": "2:SIGKILL"})  # dies before any checkpoint
+    assert r.returncode == -9 and (run / "metrics.jsonl").is_file()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "--no-sample"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--no-progress", "--no-sample", *base]) == 0
+    assert sorted(train_losses(run)) == [1, 2, 3]  # a fresh run, not appended to the old one
+
+
+def test_failed_commands_leave_no_new_folder(tmp_path, corpus, capsys):
+    base = tiny_overrides(corpus, tmp_path / "cache", steps=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "x.bin").write_bytes(b"\xff\xfe\x00\xc3" * 50)
+    cases = [["--resume"],
+             [f"--data.paths=['{tmp_path / 'empty'}']"],
+             [f"--data.paths=['{tmp_path / 'binary'}']"]]
+    for i, extra in enumerate(cases):
+        out = tmp_path / f"nope{i}"
+        assert main(["train", "--out", str(out), "--no-progress", "--no-sample", *base,
+                     *extra]) == 2
+        assert capsys.readouterr().err.startswith("error:")
+        assert not out.exists(), extra

@@ -50,19 +50,32 @@ def cmd_train(argv: list[str]) -> int:
         "--section.key=value (see configs/*.yaml and multitoken/config.py)."))
     p.add_argument("--config", help="YAML recipe (e.g. configs/demo.yaml)")
     p.add_argument("--out", help="run directory (default: a new folder under runs/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its saved config (--config and overrides "
+                   "may change the schedule, e.g. --train.steps, not the model or data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
                    help="print a sample generation at the end")
     args, rest = p.parse_known_args(argv)
     from multitoken.config import load_run_config
-    from multitoken.train import train
+    from multitoken.train import TrainingInterrupted, resume_config, train
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
-    cfg = load_run_config(args.config, _split_overrides(rest))
-    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) != 0:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.resume:
+        cfg, changes = resume_config(args.out, args.config, _split_overrides(rest))
+        if changes and main_rank:
+            print(f"resume: {'; '.join(changes)}", flush=True)
+    else:
+        cfg = load_run_config(args.config, _split_overrides(rest))
+    try:
+        result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        if main_rank:
+            print(f"interrupted by {e}", file=sys.stderr)
+        return 128 + e.signum
+    if not main_rank:
         return 0
     print("\nvalidation per head:")
     print(f"{'head':>6} {'predicts':>9} {'loss':>8} {'top-1 acc':>10}")

@@ -382,3 +382,47 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     cfg = from_dict(RunConfig, data)
     cfg.validate()
     return cfg
+
+
+# What a resumed run may not change: the model, the data and tokenizer, the objective, and what
+# fixes the order of the training batches. Everything else (steps, schedule, logging,
+# evaluation, device, threads) may be changed when resuming, e.g. to train for longer.
+RESUME_FIXED = ("model.", "data.", "loss.weights", "train.seq_len", "train.batch_size",
+                "train.grad_accum", "train.seed")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resume_run_config(saved: dict[str, Any], path: str | Path | None = None,
+                      overrides: list[str] | None = None) -> tuple[RunConfig, list[str]]:
+    """The config of a resumed run: the run's own saved config, with what the recipe file and
+    the overrides ask for applied on top. Changing a field in RESUME_FIXED is an error naming
+    it; returns (config, ["train.steps: 1000 -> 2000", ...]) for the fields that do change."""
+    before = from_dict(RunConfig, saved)
+    asked = apply_overrides(load_yaml(path) if path else {}, overrides or [])
+    after = from_dict(RunConfig, _merge(to_dict(before), asked))
+    after.validate()
+    old, new = _flatten(to_dict(before)), _flatten(to_dict(after))
+    changes = [k for k in new if new[k] != old.get(k)]
+    fixed = [k for k in changes if k.startswith(RESUME_FIXED)]
+    if fixed:
+        k = fixed[0]
+        raise ConfigError(
+            f"--resume: {k}={new[k]!r} differs from the run's {k}={old.get(k)!r}; a resumed run "
+            "keeps its model, data, tokenizer and batches (start a new run with another --out)")
+    return after, [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changes]

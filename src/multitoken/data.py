@@ -4,9 +4,9 @@ The default corpus is the Python standard library shipped with the interpreter, 
 offline with no download. Text is split BY FILE into train and validation (a file never
 contributes to both), tokenized once into a memory-mapped cache, and sampled as random windows.
 
-Single-file corpora are rejected rather than split by bytes: a byte split would need the
-split to carry offsets through the cache and the tokenizer training, for a case (one file) that
-is better served by pointing `data.paths` at a folder.
+A corpus of one file (nanoGPT's `input.txt`), too few to split by file, is split by position
+instead: its last `val_fraction` (cut at a line break) is validation. The two parts are written once to the cache as ordinary files, so
+tokenizer training and the token cache treat them like any other corpus files.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sysconfig
 import tempfile
 from dataclasses import dataclass
@@ -137,6 +138,7 @@ class CorpusSplit:
     train: list[Path]
     val: list[Path]
     skipped: int  # files that are not valid UTF-8 or unreadable: counted, left out
+    note: str = ""  # how the split was made, when it is not the usual split by file
 
 
 def _unit_hash(*parts: object) -> float:
@@ -187,10 +189,7 @@ def split_corpus(cfg: DataConfig) -> CorpusSplit:
     if not chosen:
         raise DataError(f"the corpus has no readable UTF-8 files ({skipped} skipped)")
     if len(chosen) < 2:
-        raise DataError(
-            "at least 2 files are needed to split the corpus into train and validation by file; "
-            "got 1 (add files or point data.paths at a folder)"
-        )
+        return _split_by_position(chosen, cfg, skipped)
     scored = sorted(((_unit_hash("split", cfg.seed, k), k, p) for p, k in chosen),
                     key=lambda t: (t[0], t[1], str(t[2])))
     n_val = sum(1 for u, _, _ in scored if u < cfg.val_fraction)
@@ -198,6 +197,44 @@ def split_corpus(cfg: DataConfig) -> CorpusSplit:
     val = sorted((p for _, _, p in scored[:n_val]), key=str)
     train = sorted((p for _, _, p in scored[n_val:]), key=str)
     return CorpusSplit(train=train, val=val, skipped=skipped)
+
+
+def _split_by_position(chosen: list[tuple[Path, str]], cfg: DataConfig, skipped: int) -> CorpusSplit:
+    """Train = the first 1 - val_fraction of each file, validation = the rest, each part cut at a
+    line break when there is one near the cut. The parts are cached as files keyed by the
+    sources' contents, so they are written once and stay valid while the sources do."""
+    texts = [(p, key, p.read_bytes().decode("utf-8")) for p, key in chosen]
+    digest = hashlib.sha256(json.dumps([cfg.val_fraction, *[(k, t) for _, k, t in texts]])
+                            .encode("utf-8")).hexdigest()[:20]
+    root = Path(cfg.cache_dir) / "splits" / digest
+    train, val = root / "train", root / "val"
+    if not (root / "done").is_file():
+        tmp = Path(tempfile.mkdtemp(dir=_mkdirs(root.parent), prefix=f".{digest}."))
+        for sub in ("train", "val"):
+            (tmp / sub).mkdir()
+        for i, (_, _, text) in enumerate(texts):
+            cut = int(len(text) * (1 - cfg.val_fraction))
+            nl = text.rfind("\n", 0, cut)
+            cut = nl + 1 if nl > 0 and cut - nl < max(1, len(text) // 10) else cut
+            if not 0 < cut < len(text):
+                raise DataError(f"{chosen[i][0]} is too short to split into train and validation")
+            (tmp / "train" / f"{i:05d}.txt").write_text(text[:cut], encoding="utf-8")
+            (tmp / "val" / f"{i:05d}.txt").write_text(text[cut:], encoding="utf-8")
+        (tmp / "done").write_text("")
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process made it first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    note = (f"data: {len(chosen)} file is too few to split by file; validation is its last "
+            f"{cfg.val_fraction:.0%}")
+    log.info(note)
+    return CorpusSplit(train=sorted(train.iterdir()), val=sorted(val.iterdir()), skipped=skipped,
+                       note=note)
+
+
+def _mkdirs(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +31,44 @@ from tqdm import tqdm
 
 from multitoken import checkpoint as ckpt_io
 from multitoken import distributed as dist_mod
-from multitoken.config import RunConfig, to_dict
+from multitoken.config import RunConfig, resume_run_config, to_dict
 from multitoken.errors import CheckpointError, ConfigError
 from multitoken.loss import LossOutput, evaluate_batch, head_weights
 from multitoken.model import MultiTokenModel
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a checkpoint of the last finished step was saved."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: saved a checkpoint at step {step} in {run_dir}; continue with "
+                         f"`multitoken train --out {run_dir} --resume`")
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM only set `.signum`; the loop saves a checkpoint at the end of
+    the step and stops. A second signal interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._saved: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -148,16 +184,56 @@ def train(cfg: RunConfig, out_dir: str | Path | None = None, *, resume: bool = F
         return _train(cfg, out_dir, resume, progress, dist)
 
 
+def resume_config(run_dir: str | Path, recipe: str | Path | None = None,
+                  overrides: list[str] | None = None) -> tuple[RunConfig, list[str]]:
+    """The config to continue `run_dir` with: the one saved in its checkpoint, plus what the
+    recipe and overrides change (see config.resume_run_config; model and data cannot change)."""
+    try:
+        ckpt = ckpt_io.find_checkpoint(Path(run_dir) / "checkpoint")
+    except CheckpointError:
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir} to resume from "
+                              "(start it again without --resume)") from None
+    saved = ckpt_io.read_config(ckpt).get("run")
+    if not saved:
+        raise CheckpointError(f"--resume: {ckpt} records no run config")
+    return resume_run_config(saved, recipe, overrides)
+
+
+# Files a run writes next to its checkpoint: a folder holding them but no checkpoint is a run
+# stopped before its first save, which may be started again from scratch.
+RUN_FILES = ("metrics.jsonl", "config.yaml", "loss.png")
+
+
+def _has_checkpoint(ckpt_dir: Path) -> bool:
+    try:
+        ckpt_io.find_checkpoint(ckpt_dir)
+    except CheckpointError:
+        return False
+    return True
+
+
 def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: bool,
            dist: dist_mod.DistState) -> dict[str, Any]:
+    run = Path(out_dir) if out_dir is not None else dist.broadcast_object(new_run_dir() if dist.is_main else None)
+    ckpt_dir = run / "checkpoint"
+    created = dist.is_main and not run.exists()
+    try:
+        return _train_in(cfg, run, resume, progress, dist)
+    except BaseException:
+        # A failure before the first checkpoint leaves no new folder behind; an interrupt saves
+        # a checkpoint first, and a folder that existed before is never removed.
+        if created and run.exists() and not _has_checkpoint(ckpt_dir):
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def _train_in(cfg: RunConfig, run: Path, resume: bool, progress: bool,
+              dist: dist_mod.DistState) -> dict[str, Any]:
     from multitoken.data import BatchSampler, prepare_data, val_batches
     from multitoken.tokenizer import load_tokenizer
 
     t = cfg.train
-    run = Path(out_dir) if out_dir is not None else dist.broadcast_object(new_run_dir() if dist.is_main else None)
     ckpt_dir = run / "checkpoint"
-    if dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)
     device = dist.device if dist.device is not None else resolve_device(t.device)
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -177,7 +253,7 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
         state = dist_mod.load_train_state(ckpt_dir, dist)
         if state is None:
             raise CheckpointError(f"--resume: {ckpt_dir} has no training state (train_state.pt)")
-    elif dist.is_main and (ckpt_dir.exists() or (run / "metrics.jsonl").exists()):
+    elif dist.is_main and _has_checkpoint(ckpt_dir):
         raise ConfigError(
             f"{run} already holds a run; pass --resume to continue it or choose another --out")
 
@@ -219,6 +295,10 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
         start = int(state["step"])
         metrics.truncate_after(start)
     if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no folder
+        if state is None:  # a folder without a checkpoint starts over: drop a stopped run's files
+            for name in RUN_FILES:
+                (run / name).unlink(missing_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(f"run: {run} | {model.num_params() / 1e6:.2f}M non-embedding params | "
               f"{cfg.model.n_future} heads ({cfg.model.head_type}) | tokenizer {tokenizer.name} "
@@ -226,6 +306,11 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
               f"tokens | device {device} x{dist.world_size}", flush=True)
         if data.split.skipped:
             print(f"skipped {data.split.skipped} file(s) that are not valid UTF-8", flush=True)
+        if data.split.note:
+            print(data.split.note, flush=True)
+        if start >= t.steps:
+            print(f"the run is already at step {start} and train.steps={t.steps}: nothing to "
+                  f"train (pass --train.steps=N with N > {start} to continue)", flush=True)
 
     def save(step: int) -> None:
         train_state = {"step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict()}
@@ -234,65 +319,69 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
 
     model.train()
     tokens_per_step = t.batch_size * t.seq_len
-    bar = tqdm(total=t.steps, initial=start, disable=not (progress and dist.is_main),
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(total=max(t.steps, start), initial=start,
+               disable=not (progress and dist.is_main), dynamic_ncols=True, desc="train")
     last_val: dict[str, list[float]] = {}
     t0 = time.perf_counter()
-    for step in range(start, t.steps):
-        n = cfg.model.n_future
-        head_loss = torch.zeros(n, dtype=torch.float64)
-        head_correct = torch.zeros(n, dtype=torch.float64)
-        head_count = torch.zeros(n, dtype=torch.float64)
-        for k in range(t.grad_accum):
-            x, y = sampler.next()
-            x, y = x.to(device), y.to(device)
-            with dist_mod.maybe_no_sync(wrapped, dist, last=k == t.grad_accum - 1):
-                out: LossOutput = dist_mod.loss_fn(
-                    wrapped, model, x, y, method=cfg.loss.method, weights=weights,
-                    loss_scale=1.0 / t.grad_accum, autocast=autocast)
-                if cfg.loss.method == "naive":
-                    (out.loss / t.grad_accum).backward()
-            for i in range(n):
-                c = float(out.head_counts[i])
-                head_loss[i] += float(out.head_losses[i]) * c
-                head_correct[i] += float(out.head_correct[i])
-                head_count[i] += c
-        dist_mod.finish_grads(wrapped, model, dist)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) \
-            if cfg.optim.grad_clip > 0 else torch.tensor(0.0)
-        dist_mod.optimizer_step(opt, model, dist)
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    with bar, StopSignals() as stop:
+        for step in range(start, t.steps):
+            n = cfg.model.n_future
+            head_loss = torch.zeros(n, dtype=torch.float64)
+            head_correct = torch.zeros(n, dtype=torch.float64)
+            head_count = torch.zeros(n, dtype=torch.float64)
+            for k in range(t.grad_accum):
+                x, y = sampler.next()
+                x, y = x.to(device), y.to(device)
+                with dist_mod.maybe_no_sync(wrapped, dist, last=k == t.grad_accum - 1):
+                    out: LossOutput = dist_mod.loss_fn(
+                        wrapped, model, x, y, method=cfg.loss.method, weights=weights,
+                        loss_scale=1.0 / t.grad_accum, autocast=autocast)
+                    if cfg.loss.method == "naive":
+                        (out.loss / t.grad_accum).backward()
+                for i in range(n):
+                    c = float(out.head_counts[i])
+                    head_loss[i] += float(out.head_losses[i]) * c
+                    head_correct[i] += float(out.head_correct[i])
+                    head_count[i] += c
+            dist_mod.finish_grads(wrapped, model, dist)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) \
+                if cfg.optim.grad_clip > 0 else torch.tensor(0.0)
+            dist_mod.optimizer_step(opt, model, dist)
+            sched.step()
+            opt.zero_grad(set_to_none=True)
 
-        done = step + 1
-        stats = dist.all_reduce_sum(torch.stack([head_loss, head_correct, head_count]))
-        hl = (stats[0] / stats[2].clamp(min=1)).tolist()
-        loss = float(sum(w * v for w, v in zip(weights, hl)))
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss became {loss} at step {done}; lower optim.lr or check the data")
-        elapsed = time.perf_counter() - t0
-        tok_s = (done - start) * tokens_per_step / max(elapsed, 1e-9)
-        bar.set_postfix(loss=f"{loss:.3f}", h1=f"{hl[0]:.3f}", tok_s=f"{tok_s:,.0f}")
-        bar.update(1)
-        if done % t.log_every == 0 or done == t.steps or done == start + 1:
-            metrics.write({"kind": "train", "step": done, "loss": loss, "head_loss": hl,
-                           "head_acc": (stats[1] / stats[2].clamp(min=1)).tolist(),
-                           "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                           "tokens": done * tokens_per_step, "tok_s": tok_s,
-                           "elapsed_s": elapsed})
-        if done % t.eval_every == 0 or done == t.steps:
-            last_val = dist_mod.reduce_eval(dist_mod.run_model(
-                wrapped, model, evaluate, vbatches, device, autocast), vbatches, dist)
-            metrics.write({"kind": "val", "step": done, "loss": float(sum(
-                w * v for w, v in zip(weights, last_val["head_loss"]))), **last_val})
-            if dist.is_main:
-                bar.write(f"step {done}: val loss/head {fmt(last_val['head_loss'])} "
-                          f"acc/head {fmt(last_val['head_acc'])}")
-        if done % t.ckpt_every == 0 or done == t.steps:
-            save(done)
-        if os.environ.get("MULTITOKEN_TEST_KILL_AT_STEP") == str(done):
-            os.kill(os.getpid(), signal.SIGKILL)  # tests: a hard crash, exactly here
-    bar.close()
+            done = step + 1
+            stats = dist.all_reduce_sum(torch.stack([head_loss, head_correct, head_count]))
+            hl = (stats[0] / stats[2].clamp(min=1)).tolist()
+            loss = float(sum(w * v for w, v in zip(weights, hl)))
+            if not math.isfinite(loss):
+                raise RuntimeError(f"loss became {loss} at step {done}; lower optim.lr or check the data")
+            elapsed = time.perf_counter() - t0
+            tok_s = (done - start) * tokens_per_step / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{loss:.3f}", h1=f"{hl[0]:.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            if done % t.log_every == 0 or done == t.steps or done == start + 1:
+                metrics.write({"kind": "train", "step": done, "loss": loss, "head_loss": hl,
+                               "head_acc": (stats[1] / stats[2].clamp(min=1)).tolist(),
+                               "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
+                               "tokens": done * tokens_per_step, "tok_s": tok_s,
+                               "elapsed_s": elapsed})
+            if done % t.eval_every == 0 or done == t.steps:
+                last_val = dist_mod.reduce_eval(dist_mod.run_model(
+                    wrapped, model, evaluate, vbatches, device, autocast), vbatches, dist)
+                metrics.write({"kind": "val", "step": done, "loss": float(sum(
+                    w * v for w, v in zip(weights, last_val["head_loss"]))), **last_val})
+                if dist.is_main:
+                    bar.write(f"step {done}: val loss/head {fmt(last_val['head_loss'])} "
+                              f"acc/head {fmt(last_val['head_acc'])}")
+            if done % t.ckpt_every == 0 or done == t.steps:
+                save(done)
+            _test_signal(done)
+            # Agree on stopping across ranks, so that every rank takes part in the final save.
+            if dist.all_reduce_sum(torch.tensor([float(stop.signum != 0)]))[0] > 0:
+                if done % t.ckpt_every != 0 and done != t.steps:
+                    save(done)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, done, run)
     if not last_val:  # resumed a finished run
         last_val = dist_mod.reduce_eval(dist_mod.run_model(
             wrapped, model, evaluate, vbatches, device, autocast), vbatches, dist)
@@ -302,6 +391,15 @@ def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: b
         plot_losses(run / "metrics.jsonl", run / "loss.png",
                     title=f"n_future={cfg.model.n_future} ({cfg.model.head_type} heads)")
     return {"run_dir": str(run), "step": t.steps, **last_val}
+
+
+def _test_signal(step: int) -> None:
+    """Tests: MULTITOKEN_TEST_SIGNAL="STEP:SIGNAME" sends that signal to this process right
+    after step STEP (SIGKILL for a hard crash, SIGINT/SIGTERM for an interrupt), exactly there."""
+    spec = os.environ.get("MULTITOKEN_TEST_SIGNAL", "")
+    at, _, name = spec.partition(":")
+    if at == str(step):
+        os.kill(os.getpid(), signal.Signals[name])
 
 
 def fmt(xs: list[float]) -> str:
