@@ -2,13 +2,20 @@
 
     load_meta(dir)            params.json + consolidated.00.pth -> MultiTokenModel (all heads)
     load_hf_llama(dir)        a Hugging Face Llama directory (safetensors) -> n_future=1 model
-    export_hf_llama(model, dir)  trunk + head 1 -> a LlamaForCausalLM directory (safetensors)
+    export_hf_llama(model, dir, tokenizer)  trunk + head 1 -> a LlamaForCausalLM directory
+                              (safetensors, config.json, generation_config.json, tokenizer files)
 
 No modelling code is copied or forked: the model is ours, the formats are theirs. Meta's
 `.pth` is read with `torch.load(weights_only=True)` (no arbitrary unpickling). Meta's rotary
 embedding rotates interleaved pairs (2j, 2j+1); ours (and Hugging Face's) rotates halves
 (j, j + hd/2), so Meta's wq/wk rows are permuted on load exactly as Hugging Face's own Llama
 conversion script does. Hugging Face Llama needs no permutation.
+
+An export loads with `AutoTokenizer` + `AutoModelForCausalLM` and decodes with `generate` as
+multitoken does: the tokenizer gives multitoken's ids for every text (bytes included, as a
+byte-level `tokenizer.json`), and eos/bos/pad ids are in `config.json` and
+`generation_config.json`. The JSON files are written directly, so exporting does not need
+`transformers` installed; the tests load every file with `transformers` itself.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch import Tensor
 from multitoken.config import ModelConfig
 from multitoken.errors import CheckpointError
 from multitoken.model import MultiTokenModel
+from multitoken.tokenizer import Tokenizer, load_tokenizer
 
 _LAYER = {  # ours -> Hugging Face, inside one transformer layer
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -179,15 +187,59 @@ def load_hf_llama(directory: str | Path, *, dtype: torch.dtype | None = None) ->
     return _finish(cfg, sd, d, dtype)
 
 
-def export_hf_llama(model: MultiTokenModel, directory: str | Path) -> Path:
-    """Write the trunk + head 1 as a Hugging Face LlamaForCausalLM (config.json +
-    model.safetensors); the extra heads are dropped (HF Llama has none)."""
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """transformers' special-token roles -> token strings, for the roles the tokenizer has."""
+    hf = tokenizer.to_hf()
+    ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id,
+           "pad_token": tokenizer.pad_id, "unk_token": tokenizer.unk_id}
+    out: dict[str, str] = {}
+    for role, i in ids.items():
+        if i is not None and (name := hf.id_to_token(i)) is not None:
+            out[role] = name
+    return out
+
+
+def export_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, max_seq_len: int) -> Path:
+    """Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` so that
+    `transformers.AutoTokenizer.from_pretrained(directory)` encodes every text to the ids
+    `tokenizer.encode` gives and decodes them back to the same text.
+
+    Two settings make that hold: `split_special_tokens` (a literal "<eos>" in a text is text, as
+    in multitoken's data pipeline) and `clean_up_tokenization_spaces: false` (transformers would
+    otherwise delete spaces before punctuation when decoding). No bos is prepended: multitoken
+    trains without one. A foreign tokenizer.json keeps its own post-processor, if it has one.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tokenizer.json").write_text(tokenizer.to_hf().to_str(pretty=True) + "\n",
+                                      encoding="utf-8")
+    specials = _special_tokens(tokenizer)
+    _write_json(d / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_seq_len,
+        "split_special_tokens": True, "clean_up_tokenization_spaces": False, **specials})
+    _write_json(d / "special_tokens_map.json", specials)
+    return d
+
+
+def export_hf_llama(model: MultiTokenModel, directory: str | Path,
+                    tokenizer: Tokenizer | None = None) -> Path:
+    """Write the trunk + head 1 as a Hugging Face LlamaForCausalLM (config.json,
+    generation_config.json, model.safetensors, and the tokenizer files when `tokenizer` is
+    given); the extra heads are dropped (HF Llama has none). Without a tokenizer the bos/eos/pad
+    ids are null."""
     from safetensors.torch import save_file
 
     cfg = model.cfg
     if cfg.head_type not in ("transformer", "causal") and cfg.n_future > 1:
         raise CheckpointError(f"{cfg.head_type} heads have no Llama equivalent: head 1 must be "
                               "one transformer layer on the trunk")
+    if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                              f"vocab_size is {cfg.vocab_size}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
@@ -204,7 +256,12 @@ def export_hf_llama(model: MultiTokenModel, directory: str | Path) -> Path:
             out[f"model.layers.{n_trunk}.{_LAYER[parts[2]]}"] = t
     save_file({k: v.detach().cpu().contiguous() for k, v in out.items()},
               str(d / "model.safetensors"), metadata={"format": "pt"})
-    config = {
+    ids: dict[str, int | None] = {
+        "bos_token_id": None if tokenizer is None else tokenizer.bos_id,
+        "eos_token_id": None if tokenizer is None else tokenizer.eos_id,
+        "pad_token_id": None if tokenizer is None else tokenizer.pad_id,
+    }
+    _write_json(d / "config.json", {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
         "num_hidden_layers": n_trunk + 1, "num_attention_heads": cfg.n_heads,
@@ -212,9 +269,14 @@ def export_hf_llama(model: MultiTokenModel, directory: str | Path) -> Path:
         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
-    }
-    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        "torch_dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), **ids,
+    })
+    # Greedy, stopping at eos (multitoken's default stop token). No max_length: transformers
+    # warns when a call's max_new_tokens meets a stored max_length; without one its own default
+    # length applies.
+    _write_json(d / "generation_config.json", {**ids, "do_sample": False})
+    if tokenizer is not None:
+        export_hf_tokenizer(tokenizer, d, cfg.max_seq_len)
     return d
 
 
@@ -229,7 +291,6 @@ def main(argv: list[str]) -> int:
         save_checkpoint,
     )
     from multitoken.errors import MultitokenError
-    from multitoken.tokenizer import BPETokenizer, load_tokenizer
 
     p = argparse.ArgumentParser(prog="multitoken convert", description=(
         "Import Meta's MTP release or a Hugging Face Llama as a multitoken checkpoint, or "
@@ -253,10 +314,9 @@ def main(argv: list[str]) -> int:
     if args.checkpoint:
         out = fresh(args.to_hf, "--to-hf")
         model, tokenizer = load_checkpoint(args.checkpoint)
-        export_hf_llama(model, out)
-        if isinstance(tokenizer, BPETokenizer):
-            tokenizer.save(out)  # a Hugging Face tokenizer.json
-        print(f"wrote {out} (trunk + head 1; {model.n_future - 1} extra heads dropped)")
+        export_hf_llama(model, out, tokenizer)
+        print(f"wrote {out} (trunk + head 1; {model.n_future - 1} extra heads dropped; "
+              f"{tokenizer.name} tokenizer)")
         return 0
     out = fresh(args.out, "--out")
     if args.meta:

@@ -7,6 +7,9 @@ checkpoint being decoded with the wrong tokenizer.
 Special tokens are never produced from text: the literal string "<eos>" in a source file is
 encoded as ordinary bytes / merges, exactly like the byte tokenizer does. Document boundaries
 are marked only by `eos_id` inserted by the data pipeline, so a corpus cannot forge them.
+
+Both kinds also exist as a Hugging Face `tokenizers.Tokenizer` with the same ids (`to_hf`), which
+is what `multitoken convert --to-hf` writes as the exported model's `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from multitoken.errors import CheckpointError, ConfigError, DataError
 
@@ -31,6 +36,10 @@ _BPE_RECIPE_VERSION = 1
 # Names tried, in order, when a foreign tokenizer.json does not use our <eos>/<pad> spellings.
 _EOS_NAMES = ("<eos>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
 _PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+# Start-of-text and unknown-token spellings; a tokenizer.json may have neither (byte-level BPE
+# never needs an unknown token). Only exports use them, to name the tokens for other tools.
+_BOS_NAMES = ("<bos>", "<s>", "<|begin_of_text|>", "<|startoftext|>")
+_UNK_NAMES = ("<unk>", "[UNK]")
 
 
 def _short_hash(payload: Any) -> str:
@@ -61,6 +70,10 @@ class Tokenizer(ABC):
     vocab_size: int
     eos_id: int  # separates documents in the token stream; the default stop token
     pad_id: int
+    # Start-of-text and unknown tokens, where the vocabulary has them. The data pipeline never
+    # inserts either (documents are only separated by eos); exports name them for other tools.
+    bos_id: int | None = None
+    unk_id: int | None = None
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
@@ -76,6 +89,12 @@ class Tokenizer(ABC):
     @abstractmethod
     def fingerprint(self) -> str:
         """Stable short hash of everything that decides the ids (vocab, merges, specials)."""
+
+    @abstractmethod
+    def to_hf(self) -> HFTokenizer:
+        """A Hugging Face `tokenizers.Tokenizer` with the same ids for every text and the same
+        decoded text for every id sequence, provided its special tokens are not matched in text
+        (`encode_special_tokens = True`, transformers' `split_special_tokens`), as here."""
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -128,6 +147,38 @@ class ByteTokenizer(Tokenizer):
     def fingerprint(self) -> str:
         return _short_hash(self._spec())
 
+    def to_hf(self) -> HFTokenizer:
+        # GPT-2's byte-level scheme with no merges: the ByteLevel pre-tokenizer maps byte b to one
+        # printable character, the vocabulary maps that character back to id b, and the
+        # ByteLevel decoder joins the bytes and decodes UTF-8 with U+FFFD for invalid sequences,
+        # as `decode` does. use_regex=False: no word splitting (there is nothing to merge).
+        chars = _gpt2_byte_chars()
+        hf = HFTokenizer(models.BPE(vocab={c: b for b, c in enumerate(chars)}, merges=[]))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = decoders.ByteLevel()
+        # Added tokens take the next free ids in order: <bos>=256 ... <unk>=259, as in _SPECIALS.
+        hf.add_special_tokens([AddedToken(name, special=True, normalized=False)
+                               for name in sorted(self._SPECIALS, key=self._SPECIALS.__getitem__)])
+        hf.encode_special_tokens = True
+        return hf
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """The printable character standing for each byte 0..255 in byte-level BPE (GPT-2's
+    `bytes_to_unicode`, which `tokenizers`' ByteLevel pre-tokenizer and decoder implement):
+    printable Latin-1 bytes stand for themselves, the other 68 are shifted to U+0100 onwards."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars: list[str] = []
+    shifted = 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
 
 class BPETokenizer(Tokenizer):
     """A Hugging Face `tokenizers.Tokenizer` (byte-level BPE) behind the `Tokenizer` interface."""
@@ -147,6 +198,8 @@ class BPETokenizer(Tokenizer):
         self.eos_id = eos
         pad = _first_token_id(hf, _PAD_NAMES)
         self.pad_id = eos if pad is None else pad  # padding is masked out, so eos is a safe stand-in
+        self.bos_id = _first_token_id(hf, _BOS_NAMES)
+        self.unk_id = _first_token_id(hf, _UNK_NAMES)
         self._fingerprint: str | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -179,6 +232,10 @@ class BPETokenizer(Tokenizer):
             self._fingerprint = _short_hash(spec)
         return self._fingerprint
 
+    def to_hf(self) -> HFTokenizer:
+        """The wrapped tokenizer itself (not a copy)."""
+        return self.hf
+
 
 def _first_token_id(hf: Any, names: Sequence[str]) -> int | None:
     for name in names:
@@ -201,9 +258,6 @@ def _read_texts(files: list[Path]) -> list[str]:
 
 def train_bpe(files: list[Path], vocab_size: int) -> BPETokenizer:
     """Train a byte-level BPE on `files` (the training split only) with Hugging Face tokenizers."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = ["<eos>", "<pad>"]
     if vocab_size < len(alphabet) + len(specials):
@@ -246,8 +300,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if spec.get("vocab_size") != tok.vocab_size or spec.get("special_tokens") != tok._SPECIALS:
             raise CheckpointError(f"corrupt tokenizer file {p}: unexpected byte tokenizer layout")
         return tok
-    from tokenizers import Tokenizer as HFTokenizer
-
     try:
         hf = HFTokenizer.from_str(text)
     except Exception as e:  # the Rust parser raises a bare Exception
