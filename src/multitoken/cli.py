@@ -156,6 +156,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "calibrate": cmd_module("multitoken.calibrate"),
     "distill": cmd_module("multitoken.distill"),
     "convert": cmd_module("multitoken.interop"),
+    "eval-code": cmd_module("multitoken.codeeval"),
     "bench": cmd_bench,
 }
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
               "  calibrate  measure head acceptance and forward costs; choose the draft tree\n"
               "  distill    fine-tune the draft heads on the model's own greedy output\n"
               "  convert    import Meta's MTP release or a HF Llama; export to HF Llama\n"
+              "  eval-code  HumanEval pass@k, completions run in a sandbox\n"
               "  bench      train-memory | train-speed | decode")
         return 0
     cmd = COMMANDS.get(argv[0])
