@@ -1,6 +1,7 @@
 """Interop against reference implementations: Hugging Face's own Llama, and Meta's rotary
 convention (complex multiplication of interleaved pairs) reimplemented here from its
-definition."""
+definition. Loading Meta's whole release is checked against a re-statement of Meta's model in
+tests/test_meta.py."""
 
 from __future__ import annotations
 
@@ -95,49 +96,6 @@ def test_meta_rotary_permutation_preserves_attention_scores():
         wrong = (apply_rope(q0, cos[m][None, None], sin[m][None, None])
                  * apply_rope(k0, cos[n][None, None], sin[n][None, None])).sum()
         assert abs(wrong - ref) > 1e-2
-
-
-def _halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    out, d = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, d).transpose(1, 2).reshape(out, d)
-
-
-def _write_meta(model, root):
-    """Our model in Meta's release layout (names, interleaved rotary rows, params.json)."""
-    cfg = model.cfg
-    n_trunk = cfg.n_trunk_layers
-    sd = {}
-    for name, t in model.state_dict().items():
-        parts = name.split(".")
-        if parts[0] == "heads":
-            i = int(parts[1])
-            name = ".".join(["layers", str(n_trunk)] if i == 0 else ["extra_heads", str(i - 1)])
-            name += "." + ".".join(parts[2:])
-        if name.endswith("attention.wq.weight"):
-            t = _halves_to_interleaved(t, cfg.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = _halves_to_interleaved(t, cfg.kv_heads)
-        sd[name] = t.clone()
-    sd["rope.freqs"] = torch.zeros(cfg.head_dim // 2)
-    root.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, root / "consolidated.00.pth")
-    (root / "params.json").write_text(json.dumps({
-        "dim": cfg.dim, "n_layers": n_trunk + 1, "n_heads": cfg.n_heads,
-        "n_kv_heads": cfg.kv_heads, "multiple_of": cfg.multiple_of, "norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
-        "n_future_tokens": cfg.n_future}))
-
-
-def test_load_meta_maps_names_heads_and_config(tmp_path):
-    model = tiny_model(vocab_size=37, n_future=3, n_layers=5).eval()
-    _write_meta(model, tmp_path / "meta")
-    loaded = load_meta(tmp_path / "meta", max_seq_len=model.cfg.max_seq_len)
-    assert (loaded.cfg.n_layers, loaded.n_future) == (5, 3)  # Meta's n_layers counts trunk + head 1
-    for name, t in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], t), name
-    idx = torch.randint(0, 37, (1, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(idx), model(idx))
 
 
 def test_interop_errors(tmp_path):

@@ -30,7 +30,7 @@ from torch import Tensor
 from multitoken.config import ModelConfig
 from multitoken.errors import CheckpointError
 from multitoken.model import MultiTokenModel
-from multitoken.tokenizer import Tokenizer, load_tokenizer
+from multitoken.tokenizer import SPM_FILE, Tokenizer, load_tokenizer
 
 _LAYER = {  # ours -> Hugging Face, inside one transformer layer
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -81,12 +81,54 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
+def _meta_weight_names(n_layers: int, n_future: int) -> set[str]:
+    """Every weight Meta's MTP `model.py` has: `layers` holds the trunk and, last, head 1
+    (`n_layers - n_future + 1` blocks); `extra_heads` holds heads 2..n (`n_future - 1` blocks)."""
+    blocks = [f"layers.{i}" for i in range(n_layers - n_future + 1)]
+    blocks += [f"extra_heads.{i}" for i in range(n_future - 1)]
+    return ({"tok_embeddings.weight", "norm.weight", "output.weight"}
+            | {f"{b}.{w}" for b in blocks for w in _LAYER})
+
+
+def _meta_config(p: dict[str, Any], raw: dict[str, Tensor], max_seq_len: int,
+                 where: Path) -> ModelConfig:
+    """params.json -> ModelConfig. Both count every layer in `n_layers` (Meta's 7B n=4: 32 =
+    28 trunk + head 1 + 3 extra heads), so it carries over as it is."""
+    try:
+        n_future = int(p.get("n_future_tokens", 1))
+        n_layers = int(p["n_layers"])
+        if n_future < 1 or n_layers < n_future:
+            raise CheckpointError(
+                f"{where}: n_layers ({n_layers}) must be >= n_future_tokens ({n_future}) >= 1: "
+                "n_layers counts every layer, the trunk's and each head's")
+        n_heads = int(p["n_heads"])
+        n_kv = int(p.get("n_kv_heads") or n_heads)
+        dim = int(p["dim"])
+        vocab = int(p.get("vocab_size", -1))
+        if vocab <= 0:  # Meta's params.json may leave it to the tokenizer (-1)
+            vocab = int(raw["tok_embeddings.weight"].shape[0])
+        return ModelConfig(
+            vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=n_kv if n_kv != n_heads else None,
+            ffn_hidden=_meta_hidden_dim(dim, int(p.get("multiple_of", 256)),
+                                        p.get("ffn_dim_multiplier")),
+            norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 1e4)),
+            max_seq_len=max_seq_len, n_future=n_future)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # ConfigError is a ValueError
+        raise CheckpointError(f"{where}: cannot build a model config: {e}") from None
+
+
 def load_meta(directory: str | Path, *, max_seq_len: int = 4096,
               dtype: torch.dtype | None = None) -> MultiTokenModel:
-    """Meta's MTP release (`params.json`, `consolidated.00.pth`) as a MultiTokenModel."""
+    """Meta's MTP release (`params.json` + `consolidated.00.pth` or `consolidated.pth`) as a
+    MultiTokenModel with all of its heads.
+
+    Meta's `layers.{0..n_layers - n_future}`: the trunk, then head 1 (the last one);
+    `extra_heads.{j}`: head j + 2. Every head reads the trunk's output (see docs/weights.md).
+    """
     d = Path(directory)
     p = _read_json(d / "params.json")
-    shards = sorted(d.glob("consolidated.*.pth"))
+    shards = sorted(d.glob("consolidated*.pth"))
     if len(shards) != 1:
         raise CheckpointError(f"{d}: expected exactly one consolidated.*.pth (model-parallel "
                               f"shards are not supported), found {len(shards)}")
@@ -94,41 +136,47 @@ def load_meta(directory: str | Path, *, max_seq_len: int = 4096,
         raw = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"cannot read {shards[0]}: {e}".splitlines()[0]) from None
-    try:
-        n_future = int(p.get("n_future_tokens", 1))
-        n_layers_meta = int(p["n_layers"])  # trunk + head 1
-        n_heads = int(p["n_heads"])
-        n_kv = int(p.get("n_kv_heads") or n_heads)
-        dim = int(p["dim"])
-        vocab = int(p.get("vocab_size", -1))
-        if vocab <= 0:
-            vocab = int(raw["tok_embeddings.weight"].shape[0])
-        cfg = ModelConfig(
-            vocab_size=vocab, dim=dim, n_layers=n_layers_meta + n_future - 1, n_heads=n_heads,
-            n_kv_heads=n_kv if n_kv != n_heads else None,
-            ffn_hidden=_meta_hidden_dim(dim, int(p.get("multiple_of", 256)),
-                                        p.get("ffn_dim_multiplier")),
-            norm_eps=float(p.get("norm_eps", 1e-5)), rope_theta=float(p.get("rope_theta", 1e4)),
-            max_seq_len=max_seq_len, n_future=n_future)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{d / 'params.json'}: cannot build a model config: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{shards[0]} is not a state dict")
+    cfg = _meta_config(p, raw, max_seq_len, d / "params.json")
+    # rope.freqs: Meta's precomputed rotary table (Llama checkpoints); ours comes from rope_theta.
+    names = {k for k in raw if k != "rope.freqs"}
+    expected = _meta_weight_names(cfg.n_layers, cfg.n_future)
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{shards[0]} does not match params.json (n_layers={cfg.n_layers}, "
+            f"n_future_tokens={cfg.n_future}): missing {missing[:4]}"
+            f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+            f"{'...' if len(unexpected) > 4 else ''}")
     n_trunk = cfg.n_trunk_layers
     sd: dict[str, Tensor] = {}
-    for name, t in raw.items():
-        if name.startswith("rope.freqs"):
-            continue  # Meta's precomputed rotary table; ours is rebuilt from rope_theta
-        ours = name
-        parts = name.split(".")
-        if parts[0] == "layers" and int(parts[1]) >= n_trunk:
-            ours = ".".join(["heads", str(int(parts[1]) - n_trunk), *parts[2:]])
-        elif parts[0] == "extra_heads":
-            ours = ".".join(["heads", str(int(parts[1]) + 1), *parts[2:]])
-        if name.endswith("attention.wq.weight"):
-            t = interleaved_to_halves(t, n_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = interleaved_to_halves(t, n_kv)
+    for name in names:
+        t = raw[name]
+        kind, _, rest = name.partition(".")
+        if kind in ("layers", "extra_heads"):
+            idx, _, weight = rest.partition(".")
+            i = int(idx) if kind == "layers" else n_trunk + 1 + int(idx)  # Meta's layer number
+            ours = f"layers.{i}.{weight}" if i < n_trunk else f"heads.{i - n_trunk}.{weight}"
+            if weight == "attention.wq.weight":
+                t = interleaved_to_halves(t, cfg.n_heads)
+            elif weight == "attention.wk.weight":
+                t = interleaved_to_halves(t, cfg.kv_heads)
+        else:
+            ours = name
         sd[ours] = t
-    return _finish(cfg, sd, d, dtype)
+    return _finish(cfg, sd, shards[0], dtype)
+
+
+def meta_tokenizer_path(directory: str | Path) -> Path:
+    """Meta's `tokenizer.model`: the release ships one beside its checkpoint folders
+    (`tokenizer.model`, `7B_1T_4/`, ...), so look in `directory`, then in its parent."""
+    d = Path(directory)
+    for cand in (d / SPM_FILE, d.parent / SPM_FILE):
+        if cand.is_file():
+            return cand
+    raise CheckpointError(f"no {SPM_FILE} in {d} or {d.parent}; give the tokenizer with "
+                          "--tokenizer")
 
 
 def _hf_rope_theta(c: dict[str, Any]) -> float:
@@ -296,11 +344,13 @@ def main(argv: list[str]) -> int:
         "Import Meta's MTP release or a Hugging Face Llama as a multitoken checkpoint, or "
         "export a checkpoint's trunk + head 1 as a Hugging Face Llama."))
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--meta", help="Meta release directory (params.json, consolidated.00.pth)")
+    src.add_argument("--meta", help="Meta release checkpoint directory (params.json, "
+                     "consolidated.00.pth), e.g. 7B_1T_4/")
     src.add_argument("--hf", help="Hugging Face Llama directory (config.json, *.safetensors)")
     src.add_argument("--checkpoint", help="multitoken checkpoint to export (with --to-hf)")
-    p.add_argument("--tokenizer", help="tokenizer.json (or a multitoken tokenizer directory); "
-                   "default for --hf: its tokenizer.json")
+    p.add_argument("--tokenizer", help="tokenizer.json, SentencePiece tokenizer.model, or a "
+                   "multitoken tokenizer directory; default for --hf: its tokenizer.json; for "
+                   "--meta: tokenizer.model in the directory or its parent")
     p.add_argument("--out", help="new multitoken checkpoint directory (with --meta / --hf)")
     p.add_argument("--to-hf", help="output directory for a Hugging Face Llama (with --checkpoint)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="context for --meta models")
@@ -320,13 +370,13 @@ def main(argv: list[str]) -> int:
         return 0
     out = fresh(args.out, "--out")
     if args.meta:
-        if not args.tokenizer:
-            raise MultitokenError("--meta needs --tokenizer (a tokenizer.json for its vocabulary)")
+        # The tokenizer first: a missing one is reported before reading gigabytes of weights.
+        tokenizer = load_tokenizer(args.tokenizer or meta_tokenizer_path(args.meta))
         model = load_meta(args.meta, max_seq_len=args.max_seq_len)
     else:
         model = load_hf_llama(args.hf)
-    tokenizer = load_tokenizer(args.tokenizer or Path(args.hf) / "tokenizer.json")
-    check_tokenizer(tokenizer, model.cfg, None, args.tokenizer or args.hf)
+        tokenizer = load_tokenizer(args.tokenizer or Path(args.hf) / "tokenizer.json")
+    check_tokenizer(tokenizer, model.cfg, None, args.tokenizer or args.meta or args.hf)
     save_checkpoint(out, model, tokenizer, extra={"converted_from": args.meta or args.hf})
     print(f"wrote {out}: {model.num_params() / 1e6:.1f}M non-embedding parameters, "
           f"{model.n_future} head(s)")

@@ -10,6 +10,10 @@ are marked only by `eos_id` inserted by the data pipeline, so a corpus cannot fo
 
 Both kinds also exist as a Hugging Face `tokenizers.Tokenizer` with the same ids (`to_hf`), which
 is what `multitoken convert --to-hf` writes as the exported model's `tokenizer.json`.
+
+A third kind, `SentencePieceTokenizer`, wraps a SentencePiece model file as it is (the Llama 2
+`tokenizer.model` of Meta's MTP release): the `sentencepiece` package encodes and decodes, so
+its ids are SentencePiece's own; it saves as `<dir>/tokenizer.model`.
 """
 
 from __future__ import annotations
@@ -17,19 +21,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+import sentencepiece
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from multitoken.errors import CheckpointError, ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.json"
+SPM_FILE = "tokenizer.model"  # a SentencePiece model (Meta's Llama tokenizers), kept as it is
 _BYTES_FORMAT = "multitoken-bytes"
 # Bump when the BPE training recipe changes so cached tokenizers trained the old way are not reused.
 _BPE_RECIPE_VERSION = 1
@@ -48,13 +56,17 @@ def _short_hash(payload: Any) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same directory + os.replace: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared cache or checkpoint should be readable
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -84,7 +96,8 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def save(self, directory: str | Path) -> None:
-        """Write `directory/tokenizer.json` such that `load_tokenizer(directory)` round-trips."""
+        """Write `directory/tokenizer.json` (a SentencePiece model: `directory/tokenizer.model`)
+        such that `load_tokenizer(directory)` round-trips."""
 
     @abstractmethod
     def fingerprint(self) -> str:
@@ -245,6 +258,232 @@ def _first_token_id(hf: Any, names: Sequence[str]) -> int | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# SentencePiece (Meta's Llama `tokenizer.model`)
+
+# Field numbers of sentencepiece_model.proto (stable: they are the file format).
+_PB_PIECES, _PB_TRAINER, _PB_NORMALIZER, _PB_DENORMALIZER = 1, 2, 3, 5
+_SPM_NORMAL, _SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_UNUSED = 1, 2, 3, 4, 5
+_SPM_BPE = 2
+_SPM_SPACE = "\u2581"  # "▁": SentencePiece's stand-in for a space
+
+
+def _pb_varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _pb_fields(buf: bytes) -> dict[int, list[int | bytes]]:
+    """One protobuf message -> {field number: values in order}: varints as ints, fixed32 as
+    their 4 raw bytes, length-delimited fields as bytes (strings and sub-messages)."""
+    out: dict[int, list[int | bytes]] = {}
+    i = 0
+    while i < len(buf):
+        key, i = _pb_varint(buf, i)
+        wire = key & 7
+        value: int | bytes
+        if wire == 0:
+            value, i = _pb_varint(buf, i)
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        elif wire == 2:
+            n, i = _pb_varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if i > len(buf):
+            raise ValueError("truncated field")
+        out.setdefault(key >> 3, []).append(value)
+    return out
+
+
+@dataclass
+class _SpmModel:
+    """What a SentencePiece model file says beyond what `SentencePieceProcessor` exposes: piece
+    types, the model type and the normalizer options (sentencepiece_model.proto, read from the
+    wire format so that no generated protobuf module, tied to one protobuf runtime, is needed)."""
+
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]
+    model_type: int
+    byte_fallback: bool
+    treat_whitespace_as_suffix: bool
+    add_dummy_prefix: bool
+    remove_extra_whitespaces: bool
+    escape_whitespaces: bool
+    normalizer_charsmap: bytes
+    denormalizer_charsmap: bytes
+
+    @classmethod
+    def parse(cls, proto: bytes) -> _SpmModel:
+        top = _pb_fields(proto)
+
+        def sub(n: int) -> dict[int, list[int | bytes]]:
+            raw = top.get(n, [b""])[-1]
+            return _pb_fields(raw) if isinstance(raw, bytes) else {}
+
+        def get(msg: dict[int, list[int | bytes]], n: int, default: Any) -> Any:
+            return msg[n][-1] if n in msg else default
+
+        pieces, scores, types = [], [], []
+        for raw in top.get(_PB_PIECES, []):
+            p = _pb_fields(raw) if isinstance(raw, bytes) else {}
+            pieces.append(bytes(get(p, 1, b"")).decode("utf-8"))
+            scores.append(struct.unpack("<f", get(p, 2, bytes(4)))[0])
+            types.append(int(get(p, 3, _SPM_NORMAL)))
+        trainer, norm, denorm = sub(_PB_TRAINER), sub(_PB_NORMALIZER), sub(_PB_DENORMALIZER)
+        return cls(pieces=pieces, scores=scores, types=types,
+                   model_type=int(get(trainer, 3, 1)),
+                   byte_fallback=bool(get(trainer, 35, 0)),
+                   treat_whitespace_as_suffix=bool(get(trainer, 24, 0)),
+                   add_dummy_prefix=bool(get(norm, 3, 1)),
+                   remove_extra_whitespaces=bool(get(norm, 4, 1)),
+                   escape_whitespaces=bool(get(norm, 5, 1)),
+                   normalizer_charsmap=bytes(get(norm, 2, b"")),
+                   denormalizer_charsmap=bytes(get(denorm, 2, b"")))
+
+    def unsupported_by_hf(self) -> list[str]:
+        """Options `to_hf` cannot reproduce exactly (empty for Llama's tokenizer.model)."""
+        why = []
+        if self.model_type != _SPM_BPE:
+            why.append("model type is not BPE")
+        if not self.byte_fallback:
+            why.append("no byte fallback")
+        if self.normalizer_charsmap or self.denormalizer_charsmap:
+            why.append("a normalization rule other than 'identity'")
+        if self.remove_extra_whitespaces:
+            why.append("remove_extra_whitespaces")
+        if not self.escape_whitespaces or self.treat_whitespace_as_suffix:
+            why.append("whitespace not escaped as a '▁' prefix")
+        if _SPM_USER_DEFINED in self.types:
+            why.append("user-defined symbols")
+        if _SPM_UNUSED in self.types:
+            why.append("unused pieces")
+        return why
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (e.g. the Llama 2 `tokenizer.model` Meta's MTP release ships),
+    encoded and decoded by the `sentencepiece` package itself, so the ids are SentencePiece's.
+
+    Saved as `<dir>/tokenizer.model` (the model file, unchanged). Like every tokenizer here it
+    adds no bos/eos when encoding and never produces a control token (<s>, </s>) from text.
+    """
+
+    name = "sentencepiece"
+
+    def __init__(self, proto: bytes) -> None:
+        sp = sentencepiece.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(proto)
+        except (RuntimeError, OSError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"not a SentencePiece model: {msg}") from None
+        self.sp = sp
+        self.proto = proto
+        self.vocab_size = int(sp.get_piece_size())
+        if sp.eos_id() < 0:
+            raise CheckpointError("SentencePiece model has no end-of-sequence token (eos_id = -1)")
+        self.eos_id = int(sp.eos_id())
+        self.pad_id = int(sp.pad_id()) if sp.pad_id() >= 0 else self.eos_id  # padding is masked
+        self.bos_id = int(sp.bos_id()) if sp.bos_id() >= 0 else None
+        self.unk_id = int(sp.unk_id()) if sp.unk_id() >= 0 else None
+        # Ids `decode` drops: control tokens (<s>, </s>, ...) and <unk>, as `to_hf` marks them
+        # special and exported decoding skips special tokens.
+        self._special = {i for i in range(self.vocab_size)
+                         if sp.is_control(i) or sp.is_unknown(i)}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SentencePieceTokenizer:
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"cannot read {p}: {e.strerror}") from None
+        try:
+            return cls(data)
+        except CheckpointError as e:
+            raise CheckpointError(f"corrupt tokenizer file {p}: {e}") from None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text, out_type=int))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.sp.encode(list(texts), out_type=int)]
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # SentencePiece raises on an out-of-range id; a padded model vocab can emit one.
+        clean = [int(i) for i in ids
+                 if 0 <= int(i) < self.vocab_size and int(i) not in self._special]
+        return self.sp.decode(clean)
+
+    def save(self, directory: str | Path) -> None:
+        _atomic_write_bytes(Path(directory) / SPM_FILE, self.proto)
+
+    def fingerprint(self) -> str:
+        return _short_hash({"type": "sentencepiece",
+                            "sha256": hashlib.sha256(self.proto).hexdigest()})
+
+    def to_hf(self) -> HFTokenizer:
+        """The model as a `tokenizers` BPE with byte fallback, built the way Hugging Face converts
+        Llama's tokenizer.model: the vocabulary and ids unchanged; merges from the vocabulary,
+        ranked by the merged piece's score (SentencePiece merges the highest-scoring pair
+        first); normalizer "prepend ▁ (the dummy prefix), spaces -> ▁"; decoder "▁ -> space,
+        byte pieces -> bytes, drop the dummy prefix's space". Only Llama-style models convert:
+        anything else is refused rather than exported with different ids.
+
+        Encoding gives SentencePiece's ids. Decoding gives `decode`'s text except where byte
+        pieces form invalid UTF-8: there Hugging Face's ByteFallback decoder replaces the whole
+        run of bytes with U+FFFD, SentencePiece only the invalid bytes."""
+        try:
+            m = _SpmModel.parse(self.proto)
+        except (ValueError, IndexError) as e:  # sentencepiece loaded it, so unlikely
+            raise CheckpointError(f"cannot read the SentencePiece model file: {e}") from None
+        why = m.unsupported_by_hf()
+        if why:
+            raise CheckpointError("cannot express this SentencePiece model as a tokenizer.json: "
+                                  + ", ".join(why))
+        vocab = {piece: i for i, piece in enumerate(m.pieces)}
+        normal = {p for p, t in zip(m.pieces, m.types) if t == _SPM_NORMAL}
+        ranked = sorted((i for i, t in enumerate(m.types) if t == _SPM_NORMAL),
+                        key=lambda i: (-m.scores[i], i))
+        merges = []
+        for i in ranked:
+            piece = m.pieces[i]
+            for k in range(1, len(piece)):
+                if piece[:k] in normal and piece[k:] in normal:
+                    merges.append((piece[:k], piece[k:]))
+        unk = m.types.index(_SPM_UNKNOWN) if _SPM_UNKNOWN in m.types else None
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
+                                    unk_token=None if unk is None else m.pieces[unk]))
+        steps = [normalizers.Replace(" ", _SPM_SPACE)]
+        if m.add_dummy_prefix:
+            steps.insert(0, normalizers.Prepend(_SPM_SPACE))
+        hf.normalizer = normalizers.Sequence(steps)
+        dec = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        if m.add_dummy_prefix:
+            dec.append(decoders.Strip(" ", 1, 0))
+        hf.decoder = decoders.Sequence(dec)
+        hf.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                               for p, t in zip(m.pieces, m.types)
+                               if t in (_SPM_CONTROL, _SPM_UNKNOWN)])
+        hf.encode_special_tokens = True
+        return hf
+
+
 def _read_texts(files: list[Path]) -> list[str]:
     """UTF-8 contents of `files`; files that are not valid UTF-8 or unreadable are left out."""
     texts = []
@@ -284,10 +523,17 @@ def train_bpe(files: list[Path], vocab_size: int) -> BPETokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a directory written by `Tokenizer.save` or any Hugging Face tokenizer.json."""
+    """Load a directory written by `Tokenizer.save`, any Hugging Face tokenizer.json, or a
+    SentencePiece model (a `.model` file, or a directory holding `tokenizer.model` and no
+    `tokenizer.json`)."""
     p = Path(path)
     if p.is_dir():
-        p = p / TOKENIZER_FILE
+        if (p / SPM_FILE).is_file() and not (p / TOKENIZER_FILE).exists():
+            p = p / SPM_FILE
+        else:
+            p = p / TOKENIZER_FILE
+    if p.suffix == ".model" and p.is_file():
+        return SentencePieceTokenizer.from_file(p)
     if not p.is_file():
         raise CheckpointError(f"tokenizer not found: {p}")
     try:
