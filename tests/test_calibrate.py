@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from helpers_decode import (  # noqa: F401 - one_thread is an autouse fixture
     pattern_tokens,
     trained_model,
 )
+from multitoken import calibrate as calibrate_module
 from multitoken.calibrate import (
     calibrate,
     load_calibration,
@@ -20,7 +22,9 @@ from multitoken.calibrate import (
     prompts_from,
     simulate_tokens_per_forward,
     time_forwards,
+    typical_time,
 )
+from multitoken.errors import MultitokenError
 from multitoken.tree import Tree, default_tree
 
 
@@ -55,9 +59,55 @@ def test_prompts_from_held_out_tokens():
 
 
 def test_time_forwards_positive():
+    # Every figure is one of the measured durations or between two of them (see
+    # typical_time), so it is positive however loaded the machine is.
     model = trained_model()
-    t = time_forwards(model, [(1, 1), (4, 4), (8, 4)], reps=2, context=16)
-    assert set(t) == {(1, 1), (4, 4), (8, 4)} and all(v > 0 for v in t.values())
+    for reps in (1, 2, 3):
+        t = time_forwards(model, [(1, 1), (4, 4), (8, 4)], reps=reps, context=16)
+        assert set(t) == {(1, 1), (4, 4), (8, 4)} and all(v > 0 for v in t.values())
+    with pytest.raises(MultitokenError, match="reps"):
+        time_forwards(model, [(1, 1)], reps=0)
+
+
+def test_time_forwards_with_adversarial_durations(monkeypatch):
+    """Two repetitions measured as 1 ms then 6 ms (a loaded machine): the figure must lie
+    between them (the exclusive lower quartile made it -0.25 ms)."""
+    # measured round-robin: rep 1 of shapes (1, 1) and (2, 2), then rep 2 of both
+    durations = iter([0.001, 0.002, 0.006, 0.002])
+    now = [0.0]
+    started = [False]
+
+    def perf_counter() -> float:
+        if started[0]:
+            now[0] += next(durations)
+        started[0] = not started[0]
+        return now[0]
+
+    model = trained_model()
+    monkeypatch.setattr(calibrate_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    t = time_forwards(model, [(1, 1), (2, 2)], reps=2, context=8)
+    assert 0.001 <= t[(1, 1)] <= 0.006 and t[(2, 2)] == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("samples", [
+    [0.001, 0.006],  # the exclusive lower quartile: (5 * 0.001 - 0.006) / 4 < 0
+    [0.001, 1.0],
+    [0.002, 0.001, 0.5],
+    [1e-4, 1e-4, 1e-4, 3.0, 9.0],
+    [0.003],
+    [0.004] * 7,
+])
+def test_typical_time_stays_within_the_samples(samples):
+    t = typical_time(samples)
+    assert min(samples) <= t <= max(samples)
+
+
+def test_typical_time_is_the_lower_quartile():
+    assert typical_time([1.0, 2.0, 3.0, 4.0, 5.0]) == 2.0
+    assert typical_time([0.001, 0.006]) == pytest.approx(0.00225)
+    assert typical_time([5.0, 1.0, 100.0, 2.0, 3.0]) == 2.0  # a slow outlier barely moves it
+    with pytest.raises(ValueError):
+        typical_time([])
 
 
 def test_calibrate_on_a_trained_model():
@@ -121,7 +171,6 @@ def test_damaged_calibration_is_ignored(tmp_path, capsys):
 @pytest.mark.parametrize("bad", [["--heads", "5"], ["--batch-size", "0"], ["--tree-size", "0"]])
 def test_bench_bad_options(tmp_path, bad):
     from multitoken.bench.decode import main as bench_main
-    from multitoken.errors import MultitokenError
 
     ck = make_checkpoint(tmp_path)
     with pytest.raises(MultitokenError):

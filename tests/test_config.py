@@ -42,6 +42,19 @@ def test_bad_values_are_config_errors(override, msg):
         load_run_config(None, override)
 
 
+@pytest.mark.parametrize("override", ["data.paths=[oops", "loss.weights=[1, 0.5", "data.paths=[a]]"])
+def test_malformed_list_override_is_a_config_error(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"override {key}=.* is not a valid YAML list"):
+        load_run_config(None, [override])
+
+
+def test_bracketed_values():
+    cfg = load_run_config(None, ["data.paths=['a b.txt', c.txt]", "train.sample_prompt=[oops"])
+    assert cfg.data.paths == ["a b.txt", "c.txt"]
+    assert cfg.train.sample_prompt == "[oops"  # a string field keeps its text as it is
+
+
 def test_unknown_yaml_key(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("model:\n  dimension: 64\n")

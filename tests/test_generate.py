@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
+import sys
 
 import pytest
 import torch
@@ -71,7 +73,35 @@ def test_stream_receives_every_token_in_order():
 
 def test_zero_new_tokens():
     res = generate(random_model(), PROMPTS[0], 0)
-    assert res.tokens == [[]] and res.stats.forwards == 0
+    assert res.tokens == [[]] and res.stats.forwards == 0 and res.stats.prefill_forwards == 0
+    assert res.stats.acceptance == []
+
+
+@pytest.mark.parametrize("mode", ["off", "chain", "tree"])
+def test_context_boundary(mode):
+    """The rule: a prompt of L tokens and N new tokens need L + N <= max_seq_len (64 here)."""
+    model = random_model()
+    assert generate(model, [1] * 64, 0, speculative=mode).tokens == [[]]
+    res = generate(model, [1] * 63, 1, speculative=mode)
+    assert len(res.tokens[0]) == 1 and res.stats.prefill_forwards == 1
+    assert len(generate(model, [1] * 60, 4, speculative=mode).tokens[0]) == 4
+    for prompt, n in (([1] * 64, 1), ([1] * 60, 5)):
+        with pytest.raises(MultitokenError, match="context of 64"):
+            generate(model, prompt, n, speculative=mode)
+
+
+@pytest.mark.parametrize("mode, drafts", [("chain", 1), ("chain", 3), ("tree", 3), ("tree", 2)])
+def test_acceptance_only_for_heads_that_drafted(mode, drafts):
+    """acceptance[i] exists only for drafts verified at least once: none when no decode call ran,
+    at most num_drafts entries, and none after a head that was never accepted (the next head's
+    draft is only verified when the earlier ones were accepted)."""
+    for model in (random_model(), trained_model()):
+        assert generate(model, PROMPTS[0], 1, speculative=mode,
+                        num_drafts=drafts).stats.acceptance == []
+        for prompt in PROMPTS:
+            acc = generate(model, prompt, 20, speculative=mode, num_drafts=drafts).stats.acceptance
+            assert 1 <= len(acc) <= drafts
+            assert all(a > 0 for a in acc[:-1]), acc
 
 
 def test_sampling_is_reproducible_with_a_generator():
@@ -195,8 +225,11 @@ def test_bad_prompts():
         generate(model, [], 4)
     with pytest.raises(MultitokenError, match="prompt 1 is empty"):
         generate(model, [[1, 2], []], 4)
-    with pytest.raises(MultitokenError, match="longer than the model's context"):
+    with pytest.raises(MultitokenError, match="64 tokens, which fill the model's context of 64 "
+                       "positions: no room for new tokens"):
         generate(model, [1] * 64, 1)
+    with pytest.raises(MultitokenError, match="65 tokens, more than the model's context of 64"):
+        generate(model, [1] * 65, 0)
     with pytest.raises(MultitokenError, match="exceeds the model's context of 64; at most 14"):
         generate(model, [1] * 50, 15)
     with pytest.raises(MultitokenError, match="outside the vocabulary"):
@@ -235,3 +268,84 @@ def test_cli_generate_errors_are_multitoken_errors(checkpoint, capsys):
     assert capsys.readouterr().out == ""  # the prompt is not echoed before the error
     with pytest.raises(MultitokenError, match="empty"):
         main(["--checkpoint", str(checkpoint), "--prompt", ""])
+
+
+def _cli(argv, capsys):
+    """multitoken generate ARGV through the command line's error handling: (rc, out, err)."""
+    from multitoken.cli import main
+
+    rc = main(["generate", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_prompt_from_file_and_stdin(checkpoint, tmp_path, capsys, monkeypatch):
+    args = ["--checkpoint", str(checkpoint), "--max-new-tokens", "3", "--no-stop",
+            "--speculative", "off"]
+    f = tmp_path / "prompt.txt"
+    f.write_text("def f(x):\n")
+    rc, out, _ = _cli([*args, "--prompt-file", str(f)], capsys)
+    assert rc == 0 and out.startswith("def f(x):\n")
+    expected = out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):\n"))
+    rc, out, _ = _cli([*args, "--prompt", "-"], capsys)
+    assert rc == 0 and out == expected.replace(_stats_line(expected), _stats_line(out))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):\n"))  # piped, no --prompt
+    rc, out, _ = _cli(args, capsys)
+    assert rc == 0 and out.startswith("def f(x):\n")
+
+
+def _stats_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("[plain"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_no_prompt_at_a_terminal_is_an_error(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    rc, out, err = _cli(["--checkpoint", str(checkpoint)], capsys)
+    assert rc == 2 and err.startswith("error: no prompt: give --prompt") and out == ""
+    assert err.count("\n") == 1
+
+
+def test_cli_zero_new_tokens_reports_no_prefill(checkpoint, capsys):
+    rc, out, _ = _cli(["--checkpoint", str(checkpoint), "--prompt", "ab", "--max-new-tokens",
+                       "0", "--speculative", "chain"], capsys)
+    assert rc == 0 and out.startswith("ab\n")
+    assert "0 tokens" in out and "0 forwards + 0 prefill" in out
+    assert "acceptance" not in out  # no draft was ever verified
+
+
+def test_cli_acceptance_lists_only_heads_that_drafted(checkpoint, capsys):
+    rc, out, _ = _cli(["--checkpoint", str(checkpoint), "--prompt", "ab", "--max-new-tokens",
+                       "1", "--speculative", "chain"], capsys)
+    assert rc == 0 and "acceptance" not in out  # the prefill's token only: no decode call
+    rc, out, _ = _cli(["--checkpoint", str(checkpoint), "--prompt", "ab", "--max-new-tokens",
+                       "8", "--speculative", "chain", "--num-drafts", "1", "--no-stop"], capsys)
+    line = next(ln for ln in out.splitlines() if ln.startswith("acceptance"))
+    assert "head 2:" in line and "head 3" not in line
+
+
+def test_cli_context_boundary_and_the_lowering_note(checkpoint, capsys):
+    """The checkpoint's context is 128 positions; the byte tokenizer makes one token a char."""
+    base = ["--checkpoint", str(checkpoint), "--speculative", "off", "--no-stop"]
+    rc, out, err = _cli([*base, "--prompt", "a" * 127, "--max-new-tokens", "1"], capsys)
+    assert rc == 0 and err == "" and "1 tokens" in out
+    rc, out, err = _cli([*base, "--prompt", "a" * 126, "--max-new-tokens", "5"], capsys)
+    assert rc == 0 and err == "note: max-new-tokens lowered to 2 to fit the model's context\n"
+    rc, out, err = _cli([*base, "--prompt", "a" * 128, "--max-new-tokens", "1"], capsys)
+    assert rc == 2 and out == "" and err.startswith("error: prompt has 128 tokens, which fill")
+    rc, out, err = _cli([*base, "--prompt", "a" * 128, "--max-new-tokens", "0"], capsys)
+    assert rc == 0 and "0 tokens" in out
+
+
+@pytest.mark.parametrize("bad", [["--temperature", "-1"], ["--speculative", "chain",
+                                                           "--num-drafts", "9"],
+                                  ["--top-p", "2"], ["--device", "bogus"]])
+def test_cli_validates_before_the_lowering_note(checkpoint, capsys, bad):
+    # the default --max-new-tokens (256) does not fit after this prompt: it would be lowered
+    rc, out, err = _cli(["--checkpoint", str(checkpoint), "--prompt", "def ", *bad], capsys)
+    assert rc == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1

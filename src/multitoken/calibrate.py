@@ -21,12 +21,12 @@ directory; `multitoken generate` and `bench decode` use them by default.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from multitoken import cliargs
+from multitoken.devices import resolve_device
 from multitoken.engine import Engine
 from multitoken.errors import MultitokenError
 from multitoken.model import MultiTokenModel, causal_context
@@ -49,12 +51,14 @@ CALIBRATION_FILE = "calibration.json"
 
 def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batch_size: int = 1,
                   context: int = 128, reps: int = 20) -> dict[tuple[int, int], float]:
-    """Seconds of one decode forward (lower quartile of `reps`) for each (tokens m, heads h).
+    """Seconds of one decode forward (`typical_time` of `reps`) for each (tokens m, heads h).
 
     A forward is what a step runs: the trunk and head 1 over m tokens (keys/values of heads
     2..h too), head 1's logits at all m, and the draft heads' logits at one position per
     sequence (none when h == 1). Shapes are timed round-robin so load drifts hit all alike.
     """
+    if reps < 1:
+        raise MultitokenError(f"reps must be >= 1, got {reps}")
     cfg = model.cfg
     context = max(1, min(context, cfg.max_seq_len - max(m for m, _ in shapes)))
     device = model.tok_embeddings.weight.device
@@ -86,10 +90,24 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times[s].append(time.perf_counter() - t0)
-    # Lower quartile, not the mean: on a machine shared with other jobs, the slow tail is
-    # other processes' time slices, not this forward's cost.
-    return {s: statistics.quantiles(v, n=4)[0] if len(v) > 1 else v[0]
-            for s, v in times.items()}
+    return {s: typical_time(v) for s, v in times.items()}
+
+
+def typical_time(samples: Sequence[float]) -> float:
+    """The lower quartile of repeated timings, always within [min, max] of the samples.
+
+    Lower quartile, not the mean: on a machine shared with other jobs, the slow tail is other
+    processes' time slices, not the measured code's cost. It is computed with the "inclusive"
+    method, which interpolates between the samples themselves; the default "exclusive" method
+    extrapolates below the minimum for few samples (for two, (5 min - max) / 4, which is
+    negative when max > 5 min), and a near-zero or negative forward cost turns into an absurd
+    expected speedup.
+    """
+    if not samples:
+        raise ValueError("typical_time needs at least one sample")
+    if len(samples) == 1:
+        return float(samples[0])
+    return float(statistics.quantiles(samples, n=4, method="inclusive")[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,32 +308,40 @@ def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
     return data_splits(checkpoint, tokenizer).val
 
 
-def main(argv: list[str]) -> int:
-    from multitoken.generate import add_threads_argument
-
-    p = argparse.ArgumentParser(prog="multitoken calibrate", description=(
+def build_parser() -> cliargs.ArgumentParser:
+    p = cliargs.ArgumentParser(prog="multitoken calibrate", description=(
         "Measure per-head top-k acceptance on held-out data and decode forward costs on this "
         "machine; store the best chain length and draft tree in <checkpoint>/calibration.json."))
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--gen-len", type=int, default=256)
-    p.add_argument("--max-rank", type=int, default=8, help="top-k ranks considered per head")
-    p.add_argument("--max-nodes", type=int, default=32, help="largest tree considered")
-    p.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,8")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--device", default="cpu")
-    add_threads_argument(p)
-    args = p.parse_args(argv)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint (or run) directory; calibration.json is written there")
+    p.add_argument("--prompts", type=cliargs.positive_int, default=16,
+                   help="held-out prompts decoded to measure acceptance (default 16)")
+    p.add_argument("--prompt-len", type=cliargs.positive_int, default=128,
+                   help="tokens per prompt, at most half the model's context (default 128)")
+    p.add_argument("--gen-len", type=cliargs.positive_int, default=256,
+                   help="greedy tokens decoded per prompt, at most what the context leaves "
+                   "(default 256)")
+    p.add_argument("--max-rank", type=cliargs.positive_int, default=8,
+                   help="top-k ranks considered per head (default 8)")
+    p.add_argument("--max-nodes", type=cliargs.positive_int, default=32,
+                   help="largest tree considered (default 32)")
+    p.add_argument("--batch-sizes", type=cliargs.positive_int_list, default=[1],
+                   help="batch sizes to choose for, comma-separated, e.g. 1,8 (default 1)")
+    p.add_argument("--reps", type=cliargs.positive_int, default=20,
+                   help="timed repetitions of each forward shape (default 20)")
+    cliargs.add_device_argument(p)
+    cliargs.add_threads_argument(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     from multitoken.checkpoint import find_checkpoint, load_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    except ValueError:
-        raise MultitokenError(f"--batch-sizes must be integers, got {args.batch_sizes!r}") from None
-    model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+    device = resolve_device(args.device)
+    torch.set_num_threads(args.threads)
+    batch_sizes = tuple(args.batch_sizes)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device)
     val = validation_tokens(args.checkpoint, tokenizer)
     cal = calibrate(model, val, n_prompts=args.prompts, prompt_len=args.prompt_len,
                     gen_len=args.gen_len, max_rank=args.max_rank, max_nodes=args.max_nodes,

@@ -4,6 +4,9 @@ Configuration flags are the dataclass fields themselves: `--model.n_future=2` or
 `--model.n_future 2`, applied on top of `--config recipe.yaml`, strictly (unknown keys fail).
 User errors print one line (`error: ...`) and exit with status 2; set MULTITOKEN_DEBUG=1 for
 the traceback.
+
+This module imports no torch at import time (the commands import their modules when run), so
+`multitoken --help` and `multitoken --version` answer at once.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from multitoken import __version__, cliargs
 from multitoken.errors import ConfigError, MultitokenError
 
 BENCHES = {
@@ -97,26 +101,37 @@ def _print_sample(run_dir: str, prompt: str, n_tokens: int) -> None:
     print(f"\nsample (greedy, head 1):\n{prompt}{tok.decode(res.tokens[0])}")
 
 
-def cmd_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="multitoken eval",
-                                description="Per-head loss and top-1 accuracy of a checkpoint.")
-    p.add_argument("--checkpoint", required=True)
+def eval_parser() -> cliargs.ArgumentParser:
+    p = cliargs.ArgumentParser(prog="multitoken eval",
+                               description="Per-head loss and top-1 accuracy of a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint (or run) directory")
     p.add_argument("--files", nargs="*", help="text files/folders/globs (default: the "
                    "checkpoint's validation split)")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
+    p.add_argument("--seq-len", type=cliargs.positive_int, default=None,
+                   help="tokens per window (default: the run's train.seq_len, else 256 or the "
+                   "model's context if shorter; at most the model's context)")
+    p.add_argument("--batch-size", type=cliargs.positive_int, default=8,
+                   help="windows per batch (default 8)")
+    p.add_argument("--batches", type=cliargs.positive_int, default=32,
+                   help="batches evaluated, evenly spaced over the text (default 32)")
+    cliargs.add_device_argument(p)
+    return p
+
+
+def cmd_eval(argv: list[str]) -> int:
+    args = eval_parser().parse_args(argv)
+    # Imported here, not at the top: they import torch, which `--help` must not wait for.
     from multitoken.checkpoint import load_checkpoint, read_config
     from multitoken.config import DataConfig, from_dict
     from multitoken.data import prepare_data, resolve_files, tokenize_files, val_batches
-    from multitoken.train import evaluate, resolve_device
+    from multitoken.devices import resolve_device
+    from multitoken.train import evaluate
 
     device = resolve_device(args.device)
     model, tok = load_checkpoint(args.checkpoint, device=device)
     meta = read_config(args.checkpoint)
-    seq_len = args.seq_len or meta.get("run", {}).get("train", {}).get("seq_len") or 256
+    seq_len = (args.seq_len or meta.get("run", {}).get("train", {}).get("seq_len")
+               or min(256, model.cfg.max_seq_len))
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({model.cfg.max_seq_len})")
     dcfg = from_dict(DataConfig, meta.get("run", {}).get("data", {}), prefix="data.")
@@ -157,14 +172,19 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "distill": cmd_module("multitoken.distill"),
     "convert": cmd_module("multitoken.interop"),
     "eval-code": cmd_module("multitoken.codeeval"),
+    "experiment": cmd_module("multitoken.experiments.runner"),
     "bench": cmd_bench,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        print(f"multitoken {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: multitoken {train,eval,generate,calibrate,distill,convert,bench} [options]\n\n"
+        print("usage: multitoken {train,eval,generate,calibrate,distill,convert,bench} [options]\n"
+              "       multitoken --version\n\n"
               "  train      train a multi-token prediction model (--config configs/demo.yaml)\n"
               "  eval       per-head validation loss and accuracy of a checkpoint\n"
               "  generate   decode from a checkpoint (plain or self-speculative)\n"
@@ -172,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
               "  distill    fine-tune the draft heads on the model's own greedy output\n"
               "  convert    import Meta's MTP release or a HF Llama; export to HF Llama\n"
               "  eval-code  HumanEval pass@k, completions run in a sandbox\n"
-              "  bench      train-memory | train-speed | decode")
+              "  experiment paper experiments: induction, polynomial, ntp-vs-mtp, byte-heads\n"
+              "  bench      train-memory | train-speed | decode\n\n"
+              "`multitoken COMMAND --help` lists a command's options.")
         return 0
     cmd = COMMANDS.get(argv[0])
     try:

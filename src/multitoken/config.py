@@ -134,6 +134,27 @@ class LossConfig:
     # or an explicit list with one weight per head.
     weights: str | list[float] = "uniform"
 
+    def head_weights(self, n: int) -> list[float]:
+        """The n per-head weights that `weights` describes."""
+        spec = self.weights
+        if isinstance(spec, list):
+            if len(spec) != n:
+                raise ConfigError(f"loss.weights has {len(spec)} entries but the model has {n} heads")
+            if any(w < 0 for w in spec):
+                raise ConfigError("loss.weights must be non-negative")
+            return [float(w) for w in spec]
+        if spec == "uniform":
+            return [1.0] * n
+        if spec.startswith("geometric:"):
+            try:
+                r = float(spec.split(":", 1)[1])
+            except ValueError:
+                raise ConfigError(f"loss.weights: bad ratio in {spec!r}") from None
+            if r <= 0:
+                raise ConfigError(f"loss.weights: geometric ratio must be > 0, got {r}")
+            return [r**i for i in range(n)]
+        raise ConfigError(f"loss.weights must be 'uniform', 'geometric:<r>' or a list, got {spec!r}")
+
 
 @dataclass
 class ParallelConfig:
@@ -191,9 +212,7 @@ class RunConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
-        from multitoken.loss import head_weights  # local: loss imports config
-
-        head_weights(self.loss.weights, self.model.n_future)
+        self.loss.head_weights(self.model.n_future)
 
 
 @dataclass
@@ -228,10 +247,18 @@ class DistillConfig:
                      "steps", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ConfigError(f"distill.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"distill.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"distill.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"distill.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip > 0:
+            raise ConfigError(f"distill.grad_clip must be > 0, got {self.grad_clip}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"distill.threads must be >= 1, got {self.threads}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,9 +376,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = RunC
                 where = ".".join(parts[:i]) or "config"
                 raise ConfigError(f"unknown key {dotted!r}: {where} has no field {part!r}")
             if i == len(parts) - 1:
-                if dataclasses.is_dataclass(hints[part]):
+                tp = hints[part]
+                if dataclasses.is_dataclass(tp):
                     raise ConfigError(f"override {dotted!r} names a section, not a value")
-                node[part] = raw
+                # A bracketed value of a list field is a YAML list ("[a.txt, 'b c.txt']"):
+                # parsed here, where a syntax error can name the override.
+                union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+                options = typing.get_args(tp) if union else (tp,)
+                if raw.strip().startswith("[") and any(typing.get_origin(a) is list
+                                                       for a in options):
+                    try:
+                        node[part] = yaml.safe_load(raw)
+                    except yaml.YAMLError as e:
+                        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+                        raise ConfigError(f"override {dotted}={raw} is not a valid YAML list: "
+                                          f"{why}") from None
+                else:
+                    node[part] = raw
             else:
                 target_cls = hints[part]
                 if not dataclasses.is_dataclass(target_cls):

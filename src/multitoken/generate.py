@@ -20,22 +20,28 @@ Conventions:
 - Stats: `forwards` counts decode model calls (the prefill is counted separately);
   `tokens_per_forward` = tokens appended per decode call per sequence, bonus token included
   (plain decoding: 1.0); `acceptance[i]` = how often draft i+1 was accepted when drafts 1..i
-  were (chain), or how often depth i+1 of the tree was reached when depth i was and had children.
+  were (chain), or how often depth i+1 of the tree was reached when depth i was and had children,
+  for the drafts that were verified at least once (so it can be shorter than num_drafts, and is
+  empty when no decode call ran). `max_new_tokens=0` runs nothing: no prefill, empty stats.
+- Context: a prompt of L tokens with max_new_tokens N needs L + N <= max_seq_len.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch import Tensor
 
+from multitoken import cliargs
+from multitoken.devices import resolve_device
 from multitoken.engine import Engine, Forward
-from multitoken.errors import MultitokenError
+from multitoken.errors import ConfigError, MultitokenError
 from multitoken.model import KVCache, MultiTokenModel, causal_context
 
 SPECULATIVE_MODES = ("off", "chain", "tree")
@@ -194,14 +200,22 @@ def _check_prompts(model: MultiTokenModel, prompts: list[list[int]], max_new_tok
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise MultitokenError(f"{where} has token ids outside the vocabulary "
                                   f"[0, {cfg.vocab_size})")
-        if len(p) >= cfg.max_seq_len:
-            raise MultitokenError(f"{where} has {len(p)} tokens: longer than the model's context "
-                                  f"leaves room for ({cfg.max_seq_len} positions in all)")
-        if len(p) + max_new_tokens > cfg.max_seq_len:
+        # The rule: prompt + new tokens <= max_seq_len positions (the last new token is never
+        # fed back, but a longer sequence could not be continued or re-read by the model).
+        if len(p) + max_new_tokens <= cfg.max_seq_len:
+            continue
+        if len(p) > cfg.max_seq_len:
+            raise MultitokenError(f"{where} has {len(p)} tokens, more than the model's context "
+                                  f"of {cfg.max_seq_len} positions")
+        if len(p) == cfg.max_seq_len:
             raise MultitokenError(
-                f"{where} ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's context of {cfg.max_seq_len}; at most {cfg.max_seq_len - len(p)} new "
-                f"tokens fit")
+                f"{where} has {len(p)} tokens, which fill the model's context of "
+                f"{cfg.max_seq_len} positions: no room for new tokens (a prompt of at most "
+                f"{cfg.max_seq_len - 1} tokens leaves room for one)")
+        raise MultitokenError(
+            f"{where} ({len(p)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {cfg.max_seq_len}; at most {cfg.max_seq_len - len(p)} new "
+            f"tokens fit")
 
 
 def check_num_drafts(model: MultiTokenModel, mode: str, num_drafts: int | None) -> int:
@@ -327,7 +341,9 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
     stats.new_tokens = sum(len(o) for o in out)
     stats.sequence_forwards = rows_run
     stats.tokens_per_forward = appended / rows_run if rows_run else 0.0
-    stats.acceptance = [a / t if t else 0.0 for a, t in zip(accepted, attempts)]
+    # Only drafts that were verified at least once: a head that never drafted has no
+    # acceptance rate (attempts never increase with depth, so this is a prefix).
+    stats.acceptance = [a / t for a, t in zip(accepted, attempts) if t]
     stats.wall_time_s = time.perf_counter() - t0
     return GenerationResult(out, stats, reasons)
 
@@ -391,39 +407,78 @@ class _TextStream:
         self.file.flush()
 
 
-def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    """The decoding commands' --threads (generate, calibrate, bench decode)."""
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: decode steps are many small ops; a "
-                   "second thread mostly adds synchronisation)")
+def read_prompt(prompt: str | None, prompt_file: str | None, stdin: TextIO | None) -> str:
+    """The prompt text: --prompt TEXT, --prompt-file PATH, or standard input (`--prompt -`, or
+    no prompt given while stdin is not a terminal). Files and stdin are used exactly as read,
+    a final newline included (it is part of the text the model continues)."""
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompt-file: no such file: {path}")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--prompt-file: {path} is not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"--prompt-file: cannot read {path}: {e.strerror}") from None
+    if prompt is not None and prompt != "-":
+        return prompt
+    if prompt is None and (stdin is None or stdin.isatty()):
+        raise ConfigError("no prompt: give --prompt TEXT or --prompt-file PATH, or pipe the "
+                          "prompt on standard input")
+    if stdin is None:
+        raise ConfigError("--prompt -: there is no standard input to read")
+    try:
+        return stdin.read()
+    except UnicodeDecodeError:
+        raise ConfigError("the prompt on standard input is not UTF-8 text") from None
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="multitoken generate", description=(
+def build_parser() -> cliargs.ArgumentParser:
+    p = cliargs.ArgumentParser(prog="multitoken generate", description=(
         "Decode from a checkpoint, streaming text as it is accepted, then print the stats. "
+        "The prompt comes from --prompt, --prompt-file, or standard input. "
         "--speculative auto uses the mode and tree stored by `multitoken calibrate` (chain "
         "with all draft heads when there is no calibration; plain for n_future=1 models)."))
     p.add_argument("--checkpoint", required=True, help="checkpoint (or run) directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--speculative", default="auto", choices=("auto",) + SPECULATIVE_MODES)
-    p.add_argument("--num-drafts", type=int, default=None,
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default=None,
+                        help="prompt text; '-' reads it from standard input (also the default "
+                        "when neither --prompt nor --prompt-file is given and stdin is not a "
+                        "terminal)")
+    source.add_argument("--prompt-file", default=None, metavar="PATH",
+                        help="read the prompt from this UTF-8 file (used exactly, a final "
+                        "newline included)")
+    p.add_argument("--max-new-tokens", type=cliargs.non_negative_int, default=256,
+                   help="tokens to generate (default 256; lowered, with a note, to what the "
+                   "model's context leaves after the prompt)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=cliargs.positive_int, default=None,
+                   help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose mass reaches p, in (0, 1]")
+    p.add_argument("--speculative", default="auto", choices=("auto",) + SPECULATIVE_MODES,
+                   help="decoding mode (default auto: the calibrated one)")
+    p.add_argument("--num-drafts", type=cliargs.positive_int, default=None,
                    help="drafts per step (chain) or maximum tree depth")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    add_threads_argument(p)
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    cliargs.add_device_argument(p)
+    cliargs.add_threads_argument(p)
+    return p
 
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     from multitoken.calibrate import load_calibration
     from multitoken.checkpoint import load_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+    text = read_prompt(args.prompt, args.prompt_file, sys.stdin)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling.validate()
+    device = resolve_device(args.device)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device)
     calib = load_calibration(args.checkpoint)
     mode, num_drafts, tree = args.speculative, args.num_drafts, None
     if mode == "auto":
@@ -432,16 +487,21 @@ def main(argv: list[str]) -> int:
         tree = calib.get("tree")
     if calib and mode == "chain" and num_drafts is None:
         num_drafts = calib.get("best_k")
-    ids = tokenizer.encode(args.prompt)
+    check_num_drafts(model, mode, num_drafts)
+    ids = tokenizer.encode(text)
+    # Lowered to fit (with a note) only after everything else is known to be valid, so a note
+    # never precedes an error; a prompt that leaves no room at all is an error.
     room = model.cfg.max_seq_len - len(ids)
-    if args.max_new_tokens > room > 0:
-        print(f"note: max-new-tokens lowered to {room} to fit the model's context", file=sys.stderr)
-        args.max_new_tokens = room
+    max_new_tokens = min(args.max_new_tokens, room) if room > 0 else args.max_new_tokens
+    _check_prompts(model, _as_prompts(ids), max_new_tokens)
+    if max_new_tokens < args.max_new_tokens:
+        print(f"note: max-new-tokens lowered to {max_new_tokens} to fit the model's context",
+              file=sys.stderr)
     generator = None
     if args.seed is not None:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    printer = _TextStream(tokenizer, args.prompt)
-    res = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    printer = _TextStream(tokenizer, text)
+    res = generate(model, ids, max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, speculative=mode, num_drafts=num_drafts,
                    stop=None if args.no_stop else tokenizer.eos_id, tree=tree,
                    generator=generator, stream=printer)
@@ -450,7 +510,8 @@ def main(argv: list[str]) -> int:
     desc = {"off": "plain (head 1 only)", "chain": f"chain, {s.num_drafts} drafts per step",
             "tree": f"tree, {s.tree_size} nodes, depth {s.num_drafts}"}[mode]
     print(f"\n[{desc}] {s.new_tokens} tokens in {s.wall_time_s:.2f} s "
-          f"({s.tokens_per_second:.1f} tok/s), {s.forwards} forwards + 1 prefill, "
+          f"({s.tokens_per_second:.1f} tok/s), {s.forwards} forwards + {s.prefill_forwards} "
+          "prefill, "
           f"{s.tokens_per_forward:.2f} tokens/forward")
     if s.acceptance:
         acc = ", ".join(f"head {i + 2}: {a:.2f}" for i, a in enumerate(s.acceptance))

@@ -124,12 +124,6 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain left/right aligned text table (numbers right-aligned)."""
     cells = [[_fmt(c) for c in row] for row in rows]

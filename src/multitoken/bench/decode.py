@@ -13,12 +13,13 @@ relative to one token; the table also shows plain decoding's forward (head 1 onl
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
+from multitoken import cliargs
 from multitoken.bench.common import format_table, print_json, set_threads
+from multitoken.devices import resolve_device
 from multitoken.errors import MultitokenError
 
 
@@ -47,26 +48,36 @@ def _plot(path: Path, modes: dict[str, dict[str, Any]], heads: dict[str, int]) -
     plt.close(fig)
 
 
-def main(argv: list[str]) -> int:
-    from multitoken.generate import add_threads_argument
-
-    p = argparse.ArgumentParser(prog="multitoken bench decode", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--heads", default=None,
+def build_parser() -> cliargs.ArgumentParser:
+    p = cliargs.ArgumentParser(prog="multitoken bench decode",
+                               description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint (or run) directory; prompts come from its validation split")
+    p.add_argument("--prompts", type=cliargs.positive_int, default=32,
+                   help="held-out prompts decoded by every mode (default 32)")
+    p.add_argument("--prompt-len", type=cliargs.positive_int, default=128,
+                   help="tokens per prompt, at most half the model's context (default 128)")
+    p.add_argument("--new-tokens", type=cliargs.positive_int, default=256,
+                   help="tokens generated per prompt, at most what the context leaves "
+                   "(default 256)")
+    p.add_argument("--batch-size", type=cliargs.positive_int, default=1,
+                   help="prompts decoded together (default 1)")
+    p.add_argument("--heads", type=cliargs.positive_int_list, default=None,
                    help="chain lengths to run, e.g. 1,2,3 (default: 1..n_future-1)")
     p.add_argument("--no-tree", action="store_true", help="skip tree speculation")
-    p.add_argument("--tree-size", type=int, default=None,
+    p.add_argument("--tree-size", type=cliargs.positive_int, default=None,
                    help="tree of this many nodes: the first ones of the calibrated growth order "
                    "(most likely accepted first), instead of the calibrated best tree")
     p.add_argument("--out-png", default=None, help="plot path (default: none)")
-    p.add_argument("--device", default="cpu")
-    add_threads_argument(p)
-    p.add_argument("--reps", type=int, default=20, help="repetitions of each forward timing")
-    args = p.parse_args(argv)
+    cliargs.add_device_argument(p)
+    cliargs.add_threads_argument(p)
+    p.add_argument("--reps", type=cliargs.positive_int, default=20,
+                   help="repetitions of each forward timing (default 20)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
 
     from multitoken.calibrate import (
         load_calibration,
@@ -78,17 +89,16 @@ def main(argv: list[str]) -> int:
     from multitoken.generate import generate
     from multitoken.tree import Tree, default_tree
 
+    device = resolve_device(args.device)
     set_threads(args.threads)
-    model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device)
     n = model.n_future
     if n < 2:
         raise MultitokenError("bench decode needs a model with draft heads (n_future >= 2)")
-    ks = list(range(1, n)) if args.heads is None else [int(k) for k in args.heads.split(",")]
+    ks = list(range(1, n)) if args.heads is None else args.heads
     for k in ks:
         if not 1 <= k <= n - 1:
             raise MultitokenError(f"--heads: chain lengths must be in 1..{n - 1}, got {k}")
-    if args.batch_size < 1 or args.prompts < 1:
-        raise MultitokenError("--batch-size and --prompts must be >= 1")
     max_len = model.cfg.max_seq_len
     prompt_len = min(args.prompt_len, max_len // 2)
     new_tokens = min(args.new_tokens, max_len - prompt_len)
@@ -97,8 +107,6 @@ def main(argv: list[str]) -> int:
 
     calib = load_calibration(args.checkpoint)
     tree_paths = None
-    if args.tree_size is not None and args.tree_size < 1:
-        raise MultitokenError(f"--tree-size must be >= 1, got {args.tree_size}")
     if not args.no_tree:
         by_b = (calib or {}).get("by_batch_size", {}).get(str(args.batch_size), calib)
         if args.tree_size:
