@@ -109,11 +109,6 @@ def test_every_option_has_help_and_errors_are_config_errors(name):
 # Bad input: one `error:` line, exit 2, for a bad value of every option of every subcommand.
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-# Parsers this file's owner does not own still print argparse's usage block and exit 2 via
-# SystemExit: strict, so the mark must go when they switch to multitoken.cliargs.ArgumentParser.
-TRAIN_ARGPARSE = pytest.mark.xfail(strict=True, reason="cmd_train uses argparse.ArgumentParser")
-CONVERT_ARGPARSE = pytest.mark.xfail(strict=True,
-                                     reason="interop.main uses argparse.ArgumentParser")
 
 # Placeholders: {ck} a valid checkpoint, {missing} a path that does not exist, {file} a plain
 # file, {full} a non-empty directory, {badyaml} a file that is not valid YAML, {tmp} a fresh
@@ -159,7 +154,7 @@ CASES = [
         ["--config", "{missing}"], ["--config", "{badyaml}"], ["--data.paths=[oops"],
         ["--model.dim=abc"], ["--train.steps=-1"], ["--model.head_type=mlp"],
         ["--model.n_future", "0"], ["--train.device=bogus"], ["--bogus"], ["--model.dim"],
-        pytest.param(["--config"], marks=TRAIN_ARGPARSE),
+        ["--config"],
     ]),
     *_cases(["train", "--no-progress"], [["--resume"]]),
     *_cases(EVAL, [
@@ -204,11 +199,20 @@ CASES = [
         ["--checkpoint", "{ck}"],  # no --to-hf
         ["--hf", "{missing}"],  # no --out
         ["--meta", "{full}", "--out", "{tmp}/o"],  # no --tokenizer
-        pytest.param(["--checkpoint", "{ck}", "--to-hf", "{file}"], marks=pytest.mark.xfail(
-            strict=True, reason="checkpoint.new_output_dir lists a file as a directory")),
-        pytest.param(["--hf", "{missing}", "--out", "{tmp}/o", "--max-seq-len", "abc"],
-                     marks=CONVERT_ARGPARSE),
-        pytest.param([], marks=CONVERT_ARGPARSE),  # no source
+        ["--checkpoint", "{ck}", "--to-hf", "{file}"],
+        ["--hf", "{missing}", "--out", "{tmp}/o", "--max-seq-len", "abc"],
+        [],  # no source
+    ]),
+    *_cases(["eval-code", "--samples-file", "{file}"], [
+        ["--samples", "0"], ["--samples", "abc"], ["--timeout", "-1"], ["--workers", "0"],
+        ["--benchmark", "mbpp"], ["--problems", "0"], ["--temperature", "x"],
+    ]),
+    *_cases(["eval-code"], [
+        ["--samples-file", "{missing}"], ["--samples-file", "{badyaml}"],
+        ["--checkpoint", "{missing}", "--problems", "1"],
+        ["--checkpoint", "{ck}", "--speculative", "bogus"],
+        ["--checkpoint", "{ck}", "--device", "bogus"],
+        [],  # no source
     ]),
     *_cases(DEC, [
         ["--checkpoint", "{missing}"], ["--prompts", "0"], ["--prompt-len", "abc"],

@@ -185,6 +185,8 @@ def new_output_dir(path: str | Path, flag: str) -> Path:
     """An output directory that may be created: refuse one that already holds files, so a
     command never writes over earlier results."""
     d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"{d} is a file, not a directory; choose a new {flag}")
     if d.exists() and any(d.iterdir()):
         raise CheckpointError(f"{d} already exists and is not empty; choose a new {flag}")
     return d

@@ -49,7 +49,7 @@ def _split_overrides(rest: list[str]) -> list[str]:
 
 
 def cmd_train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="multitoken train", description=(
+    p = cliargs.ArgumentParser(prog="multitoken train", description=(
         "Train a multi-token prediction model. Any config field can be overridden with "
         "--section.key=value (see configs/*.yaml and multitoken/config.py)."))
     p.add_argument("--config", help="YAML recipe (e.g. configs/demo.yaml)")

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from multitoken import cliargs
 from multitoken.calibrate import load_calibration
 from multitoken.checkpoint import load_checkpoint
 from multitoken.errors import ConfigError, DataError, MultitokenError
-from multitoken.generate import SPECULATIVE_MODES, add_threads_argument, generate
+from multitoken.generate import SPECULATIVE_MODES, generate
 from multitoken.model import MultiTokenModel
 from multitoken.sandbox import Limits, RunResult, describe, isolation, run_programs
 
@@ -281,15 +282,8 @@ def score(samples: Sequence[dict[str, str]], problems: dict[str, dict[str, str]]
 # CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """Argument errors become ConfigError: one `error:` line and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="multitoken eval-code", description=(
+    p = cliargs.ArgumentParser(prog="multitoken eval-code", description=(
         "HumanEval pass@k with the completions run in a sandbox: sample from a checkpoint "
         "(--checkpoint) or score a HumanEval samples file (--samples-file)."))
     src = p.add_mutually_exclusive_group(required=True)
@@ -307,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    add_threads_argument(p)
+    cliargs.add_threads_argument(p)
     p.add_argument("--out", help="write the samples here (HumanEval samples format)")
     p.add_argument("--results", help="write per-sample outcomes here (jsonl)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from multitoken import cliargs
 from multitoken.config import ModelConfig
 from multitoken.errors import CheckpointError
 from multitoken.model import MultiTokenModel
@@ -330,7 +331,6 @@ def export_hf_llama(model: MultiTokenModel, directory: str | Path,
 
 def main(argv: list[str]) -> int:
     """`multitoken convert`: Meta or Hugging Face weights <-> multitoken checkpoints."""
-    import argparse
 
     from multitoken.checkpoint import (
         check_tokenizer,
@@ -340,7 +340,7 @@ def main(argv: list[str]) -> int:
     )
     from multitoken.errors import MultitokenError
 
-    p = argparse.ArgumentParser(prog="multitoken convert", description=(
+    p = cliargs.ArgumentParser(prog="multitoken convert", description=(
         "Import Meta's MTP release or a Hugging Face Llama as a multitoken checkpoint, or "
         "export a checkpoint's trunk + head 1 as a Hugging Face Llama."))
     src = p.add_mutually_exclusive_group(required=True)
