@@ -147,6 +147,35 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def add_heads_parser() -> cliargs.ArgumentParser:
+    p = cliargs.ArgumentParser(prog="multitoken add-heads", description=(
+        "Give a trained model n_future heads: new heads start as copies of head 1's layer; "
+        "the trunk and head 1 are unchanged, so plain decoding is too. Fewer heads than the "
+        "source's drops the extra ones."))
+    p.add_argument("--checkpoint", required=True, help="source checkpoint (or run) directory")
+    p.add_argument("--n-future", type=cliargs.positive_int, required=True,
+                   help="number of heads of the new model (head 1 included)")
+    p.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
+    return p
+
+
+def cmd_add_heads(argv: list[str]) -> int:
+    args = add_heads_parser().parse_args(argv)
+    # Imported here, not at the top: they import torch, which `--help` must not wait for.
+    from multitoken.addheads import add_heads, run_config_with
+    from multitoken.checkpoint import load_checkpoint, new_output_dir, read_config, save_checkpoint
+
+    out = new_output_dir(args.out, "--out")
+    model, tok = load_checkpoint(args.checkpoint)
+    new = add_heads(model, args.n_future)
+    run = run_config_with(read_config(args.checkpoint).get("run", {}), new.cfg.__dict__)
+    save_checkpoint(out, new, tok, run_config=run, step=0,
+                    extra={"source": str(args.checkpoint)})
+    print(f"{out}: {model.cfg.n_future} -> {new.cfg.n_future} heads "
+          f"({new.num_params() / 1e6:.2f}M non-embedding params; trunk and head 1 unchanged)")
+    return 0
+
+
 def cmd_module(module: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         return int(importlib.import_module(module).main(argv) or 0)
@@ -172,6 +201,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "distill": cmd_module("multitoken.distill"),
     "convert": cmd_module("multitoken.interop"),
     "eval-code": cmd_module("multitoken.codeeval"),
+    "add-heads": cmd_add_heads,
     "experiment": cmd_module("multitoken.experiments.runner"),
     "bench": cmd_bench,
 }
@@ -183,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multitoken {__version__}")
         return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: multitoken {train,eval,generate,calibrate,distill,convert,bench} [options]\n"
+        print("usage: multitoken COMMAND [options]\n"
               "       multitoken --version\n\n"
               "  train      train a multi-token prediction model (--config configs/demo.yaml)\n"
               "  eval       per-head validation loss and accuracy of a checkpoint\n"
@@ -191,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
               "  calibrate  measure head acceptance and forward costs; choose the draft tree\n"
               "  distill    fine-tune the draft heads on the model's own greedy output\n"
               "  convert    import Meta's MTP release or a HF Llama; export to HF Llama\n"
+              "  add-heads  give a trained model more (or fewer) heads; plain decoding unchanged\n"
               "  eval-code  HumanEval pass@k, completions run in a sandbox\n"
               "  experiment paper experiments: induction, polynomial, ntp-vs-mtp, byte-heads\n"
               "  bench      train-memory | train-speed | decode\n\n"

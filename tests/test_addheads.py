@@ -1,0 +1,65 @@
+"""add-heads: more (or fewer) heads on a trained model; trunk, head 1 and plain decoding unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from multitoken import generate
+from multitoken.addheads import add_heads
+from multitoken.checkpoint import load_checkpoint, save_checkpoint
+from multitoken.cli import main
+from multitoken.errors import ConfigError
+from multitoken.tokenizer import ByteTokenizer
+
+
+@pytest.mark.parametrize("src_n, dst_n", [(1, 4), (2, 3), (4, 1), (3, 3)])
+def test_trunk_and_head1_unchanged_new_heads_copy_head1(src_n, dst_n):
+    src = tiny_model(n_layers=2 + src_n, n_future=src_n).eval()
+    dst = add_heads(src, dst_n)
+    assert dst.cfg.n_future == dst_n and len(dst.layers) == len(src.layers) == 2
+    assert dst.cfg.n_layers == 2 + dst_n
+    s, d = src.state_dict(), dst.state_dict()
+    for name, t in d.items():
+        if name.startswith("heads."):
+            i, rest = name[len("heads."):].split(".", 1)
+            ref = s[name] if int(i) < src_n else s[f"heads.0.{rest}"]
+        else:
+            ref = s[name]
+        assert torch.equal(t, ref), name
+        assert t.data_ptr() != ref.data_ptr(), f"{name} shares storage with the source"
+    idx = torch.randint(0, 37, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(dst(idx, heads=[0]), src(idx, heads=[0]))
+        if dst_n > src_n:  # a new head starts as head 1
+            assert torch.equal(dst(idx, heads=[dst_n - 1]), src(idx, heads=[0]))
+
+
+def test_refuses_non_transformer_heads_and_bad_n():
+    with pytest.raises(ConfigError, match="transformer heads"):
+        add_heads(tiny_model(head_type="linear"), 4)
+    with pytest.raises(ConfigError, match=">= 1"):
+        add_heads(tiny_model(), 0)
+
+
+def test_cli_plain_decoding_bit_identical(tmp_path, capsys):
+    src = tiny_model(vocab_size=260, n_layers=3, n_future=1, max_seq_len=64).eval()
+    save_checkpoint(tmp_path / "src", src, ByteTokenizer(), run_config={"train": {"steps": 5}})
+    before = (tmp_path / "src" / "model.safetensors").read_bytes()
+    assert main(["add-heads", "--checkpoint", str(tmp_path / "src"), "--n-future", "4",
+                 "--out", str(tmp_path / "dst")]) == 0
+    assert "1 -> 4 heads" in capsys.readouterr().out
+    assert (tmp_path / "src" / "model.safetensors").read_bytes() == before
+    a, _ = load_checkpoint(tmp_path / "src")
+    b, _ = load_checkpoint(tmp_path / "dst")
+    assert b.cfg.n_future == 4
+    prompt = [[104, 101, 108], [100, 101, 102, 32, 120]]
+    ra = generate(a, prompt, max_new_tokens=24)
+    rb = generate(b, prompt, max_new_tokens=24)
+    rs = generate(b, prompt, max_new_tokens=24, speculative="chain")
+    assert ra.tokens == rb.tokens == rs.tokens
+    # the output folder must be new; the source is never written
+    assert main(["add-heads", "--checkpoint", str(tmp_path / "src"), "--n-future", "2",
+                 "--out", str(tmp_path / "dst")]) == 2
+    assert "already exists" in capsys.readouterr().err
