@@ -14,6 +14,7 @@ import torch
 from multitoken.bench import train_memory, train_speed
 from multitoken.bench.common import PeakMemory, format_table, last_json_line
 from multitoken.config import ModelConfig
+from multitoken.errors import ConfigError
 
 TINY_MEMORY = ["--vocab", "1000", "--dim", "32", "--n-heads", "4", "--layers", "4",
                "--tokens", "256", "--seq-len", "64", "--grad-tokens", "64", "--threads", "1"]
@@ -46,9 +47,9 @@ def test_train_memory_sweep_writes_plot(capsys, tmp_path):
     assert png.stat().st_size > 0
 
 
-def test_train_memory_rejects_bad_shape(capsys):
-    assert train_memory.main(TINY_MEMORY + ["--tokens", "100"]) == 1
-    assert "multiple of --seq-len" in capsys.readouterr().err
+def test_train_memory_rejects_bad_shape():
+    with pytest.raises(ConfigError, match="multiple of --seq-len"):  # the CLI: exit 2
+        train_memory.main(TINY_MEMORY + ["--tokens", "100"])
 
 
 def test_train_speed_main_ends_with_json(capsys):

@@ -247,3 +247,66 @@ def test_dead_or_stalled_rank_stops_the_other(setup, sig):
     assert procs[0].returncode != 0
     assert "rank 0/2: a collective operation failed" in err, err[-2000:]
     assert elapsed < timeout_s + 30
+
+
+def _launch_without_agent(args_per_rank: list[list[str]], timeout: float = 150
+                          ) -> list[tuple[int, str, str]]:
+    """Start one `multitoken` process per rank (RANK/WORLD_SIZE set by hand, no torchrun agent
+    that would stop the others when one fails, or hide a hang); (exit code, stdout, stderr)
+    of each. A rank still running after `timeout` seconds fails the test."""
+    port, world = _free_port(), len(args_per_rank)
+    procs = []
+    for rank, args in enumerate(args_per_rank):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "multitoken", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def _error_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith("error:")]
+
+
+# parallel.timeout_s is far above the subprocess timeouts: a rank that waited for a collective to
+# time out instead of stopping at once fails the test.
+PATIENT = "--parallel.timeout_s=600"
+
+
+def test_error_on_rank0_only_is_reported_once_and_stops_every_rank(setup, reference):
+    """Rank 0 alone checks whether --out already holds a run. The user sees that message once
+    (from rank 0), every rank exits non-zero, the existing run is untouched.
+
+    Launched without torchrun: its agent stops the other ranks as soon as one exits, which
+    hides both a hang and (most of the time) the other ranks' own messages."""
+    _, overrides = setup
+    before = (reference / "checkpoint" / "model.safetensors").read_bytes()
+    args = _train_args(reference, overrides, "--parallel.strategy=ddp", PATIENT)
+    (rc0, out0, err0), (rc1, out1, err1) = _launch_without_agent([args, args])
+    assert rc0 == 2 and rc1 == 2, (err0[-2000:], err1[-2000:])
+    assert len(_error_lines(err0)) == 1 and "already holds a run" in _error_lines(err0)[0], err0
+    assert not _error_lines(err1) and "Traceback" not in err1, err1  # rank 1 stops quietly
+    assert (reference / "checkpoint" / "model.safetensors").read_bytes() == before
+
+
+def test_error_on_another_rank_is_reported_by_rank0(setup, tmp_path):
+    """A data error on rank 1 only (its corpus path does not exist): rank 0 reports rank 1's
+    message, once; both exit non-zero; no run folder is left behind."""
+    _, overrides = setup
+    out = tmp_path / "run"
+    good = _train_args(out, overrides, "--parallel.strategy=fsdp", PATIENT)
+    bad = [*good, f"--data.paths=[{str(tmp_path / 'missing')!r}]"]
+    (rc0, _, err0), (rc1, _, err1) = _launch_without_agent([good, bad])
+    assert rc0 == 2 and rc1 == 2, (err0[-2000:], err1[-2000:])
+    lines = _error_lines(err0)
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1/2: "), err0
+    assert "missing" in lines[0]
+    assert not _error_lines(err1) and "Traceback" not in err1, err1
+    assert not out.exists()
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -9,10 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers_corpus import make_corpus, tiny_overrides
 from multitoken.checkpoint import load_checkpoint
 from multitoken.cli import main
+from multitoken.config import load_run_config
+from multitoken.parallel import SingleProcess
+from multitoken.train import train
 
 
 def train_losses(run: Path) -> dict[int, float]:
@@ -185,3 +190,30 @@ def test_failed_commands_leave_no_new_folder(tmp_path, corpus, capsys):
                      *extra]) == 2
         assert capsys.readouterr().err.startswith("error:")
         assert not out.exists(), extra
+
+
+def test_non_finite_loss_is_caught_at_the_next_log_or_checkpoint(tmp_path, corpus, monkeypatch):
+    """Statistics reach the host only to log (every 4 steps here) and before a checkpoint
+    (every 3): a loss that turns NaN at step 5 stops the run at step 6, before its checkpoint,
+    with a message naming the steps since the last check; the step-3 checkpoint is kept."""
+    micro_steps = itertools.count(1)
+    forward_backward = SingleProcess.forward_backward
+
+    def nan_from_step_5(self, *args, **kwargs):
+        out = forward_backward(self, *args, **kwargs)
+        if next(micro_steps) >= 5:
+            out.loss_sum[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(SingleProcess, "forward_backward", nan_from_step_5)
+    base = [*tiny_overrides(corpus, tmp_path / "cache", steps=8), "--train.log_every=4",
+            "--train.ckpt_every=3", "--train.eval_every=100"]
+    cfg = load_run_config(None, [o[2:] for o in base])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match=r"loss became nan at a step in 5\.\.6;"):
+            train(cfg, tmp_path / "run", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["step"] == 3
+    assert sorted(train_losses(tmp_path / "run")) == [1, 4]

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from multitoken import cliargs
 from multitoken.config import DistillConfig, from_dict, load_yaml
+from multitoken.devices import resolve_device
 from multitoken.errors import ConfigError, MultitokenError
 from multitoken.model import MultiTokenModel
 
@@ -263,6 +265,19 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
                        else "N", help=f"default: {f.default}")
 
 
+def build_parser() -> cliargs.ArgumentParser:
+    p = cliargs.ArgumentParser(prog="multitoken distill", description=(
+        "Fine-tune the draft heads on the model's own greedy continuations (trunk and head 1 "
+        "frozen, so decoding output is unchanged) to raise speculative acceptance."))
+    p.add_argument("--checkpoint", required=True, help="source checkpoint (never modified)")
+    p.add_argument("--out", required=True, help="new run directory for the distilled model")
+    p.add_argument("--config", help="YAML file with DistillConfig fields (flags override it)")
+    cliargs.add_device_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_arguments(p)
+    return p
+
+
 def main(argv: list[str]) -> int:
     from multitoken.bench.common import format_table, print_json
     from multitoken.calibrate import data_splits
@@ -274,16 +289,7 @@ def main(argv: list[str]) -> int:
         save_checkpoint,
     )
 
-    p = argparse.ArgumentParser(prog="multitoken distill", description=(
-        "Fine-tune the draft heads on the model's own greedy continuations (trunk and head 1 "
-        "frozen, so decoding output is unchanged) to raise speculative acceptance."))
-    p.add_argument("--checkpoint", required=True, help="source checkpoint (never modified)")
-    p.add_argument("--out", required=True, help="new run directory for the distilled model")
-    p.add_argument("--config", help="YAML file with DistillConfig fields (flags override it)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
-    _add_config_arguments(p)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     data = load_yaml(args.config) if args.config else {}
     for f in dataclasses.fields(DistillConfig):
@@ -292,15 +298,18 @@ def main(argv: list[str]) -> int:
             data[f.name] = v
     cfg: DistillConfig = from_dict(DistillConfig, data, prefix="distill.")
     cfg.validate()
+    device = resolve_device(args.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
     src = find_checkpoint(args.checkpoint)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise MultitokenError(f"--out {out} would overwrite the source checkpoint {src}")
     new_output_dir(out, "--out")
-    model, tokenizer = load_checkpoint(src, device=args.device)
+    model, tokenizer = load_checkpoint(src, device=device)
     check_distillable(model, cfg)
     meta = read_config(src)
     run = meta.get("run") or {}

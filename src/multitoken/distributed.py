@@ -1,59 +1,64 @@
-"""Parallelism applied from outside the single-device model and training loop.
+"""The process group a training run joins: rank, world size, device, collectives, teardown.
 
-`train.py` calls the functions below at fixed points (setup, wrap, loss, gradient sync,
-optimizer step, checkpoint save/load, metric reduction). Three strategies:
+`join(cfg)` reads what torchrun puts in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, ...) and returns a `DistGroup`. A one-process run gets a group of one, whose
+collectives return their input. How the model runs across the group (DDP, FSDP2) is
+`multitoken.parallel`'s business; this module knows nothing about models.
 
-- none: one process; every hook is the plain single-process operation.
-- ddp:  `DistributedDataParallel`. The paper's loss runs one backward per head plus one through
-        the trunk (loss.py), which DDP's reducer cannot follow (see `finish_grads`), so gradients
-        accumulate locally under `no_sync()` and are all-reduced once per optimizer step.
-- fsdp: FSDP2 (`fully_shard`) on every transformer block, every head, and a root that owns the
-        embedding, final norm and unembedding (see `_FSDPRoot`). Checkpoints: sharded
-        `torch.distributed.checkpoint` (DCP) state in `checkpoint/dcp/` for resuming, plus a
-        consolidated `model.safetensors` that single-process tools read.
-
-Launch with torchrun (see docs/distributed.md); RANK / WORLD_SIZE / LOCAL_RANK come from it.
+Failures across processes:
+- `with group:` closes the group and turns a failed collective (a peer died or stalled past
+  `parallel.timeout_s`) into one clear `DistributedError`.
+- `with group.agreement():` runs a block that may fail on some ranks only (a check done on rank
+  0, a file one node cannot read). Afterwards every rank knows whether any rank failed: rank 0
+  raises the error (its own, else the first failing rank's, naming that rank), so the user sees
+  the real message once; every other rank waits until rank 0 has exited (so its message is
+  out before a launcher stops the job) and stops quietly with `RankStopped` (exit status 2).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
-import shutil
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as tdist
-from torch import nn
 
-from multitoken import checkpoint as ckpt_io
 from multitoken.config import ParallelConfig
-from multitoken.errors import CheckpointError, ConfigError, MultitokenError
-from multitoken.loss import IGNORE_INDEX, LossOutput, mtp_loss, shift_targets
-from multitoken.model import MultiTokenModel
-
-DCP_DIR = "dcp"  # sharded model + optimizer state inside an FSDP checkpoint
-_BUCKET_BYTES = 25 << 20  # DDP's default bucket size; bounds the flattened copy's memory
+from multitoken.errors import ConfigError, MultitokenError
 
 
 class DistributedError(MultitokenError):
-    """A collective failed: another process died, stalled past the timeout, or was unreachable."""
+    """A collective failed: another process died, stalled past the timeout, or was unreachable;
+    or another rank failed (rank 0 reports its error)."""
+
+
+class RankStopped(SystemExit):
+    """This rank stops because another rank failed; rank 0 reports that rank's error.
+
+    A SystemExit: it ends the process with status 2 and prints nothing (the CLI reports only
+    MultitokenError), so a multi-process run shows the real message once, from rank 0.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
 
 
 @dataclass
-class DistState:
+class DistGroup:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device | None = None  # None: the trainer resolves train.device
-    strategy: str = "none"
+    strategy: str = "none"  # none | ddp | fsdp, as resolved by `join`
     timeout_s: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    owns_group: bool = False  # True: `join` initialised torch.distributed, so close() ends it
+    closes_at_exit: bool = False  # rank 0 after an agreed failure: peers wait for its exit
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +69,7 @@ class DistState:
         return tdist.is_available() and tdist.is_initialized()
 
     def close(self, failed: bool = False) -> None:
-        if not self.active or not self.extra.get("owns_group", False):
+        if self.closes_at_exit or not self.active or not self.owns_group:
             return
         abort = getattr(tdist.distributed_c10d, "_abort_process_group", None)
         if failed and abort is not None:
@@ -81,8 +86,8 @@ class DistState:
                 tdist.barrier()
             tdist.destroy_process_group()
 
-    # `with dist:` in train.train: closes the group and names a collective failure clearly.
-    def __enter__(self) -> DistState:
+    # `with group:` in train.train: closes the group and names a collective failure clearly.
+    def __enter__(self) -> DistGroup:
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
@@ -100,18 +105,79 @@ class DistState:
             tdist.barrier()
 
     def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
         if not self.active or self.world_size == 1:
             return obj
         box = [obj if self.is_main else None]
         tdist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order."""
+        if not self.active or self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over ranks, on t's device (a host sync when there is more than one)."""
         if not self.active or self.world_size == 1:
             return t
         out = t.detach().to("cpu", copy=True)  # CPU collectives go through gloo on every setup
         tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
         return out.to(t.device)
+
+    @contextlib.contextmanager
+    def agreement(self) -> Iterator[None]:
+        """Every rank leaves the block together: normally, or all failing (see the module
+        docstring). Only the block's local work may fail per rank: it must not enter a
+        collective that another rank could skip by failing first. One all-gather of a small
+        object on the way out."""
+        try:
+            yield
+        except Exception as e:
+            self._settle(e)
+            raise
+        self._settle(None)
+
+    def _settle(self, error: Exception | None) -> None:
+        """Raises unless no rank failed; returns (so the caller re-raises `error`) where this
+        rank's own error is the one to show."""
+        if not self.active or self.world_size == 1:
+            return
+        mine = None
+        if error is not None:
+            mine = (type(error), str(error)) if isinstance(error, MultitokenError) else \
+                (None, f"{type(error).__name__}: {error}")
+        failed = [(r, rep) for r, rep in enumerate(self.all_gather_object(mine)) if rep]
+        if not failed:
+            return
+        if not self.is_main:
+            # Wait for rank 0 (it meets us at its exit, after reporting), then stop. A failure
+            # that is not bad input (a bug) keeps its own traceback on this rank.
+            self._meet_and_close()
+            if error is not None and not isinstance(error, MultitokenError):
+                return
+            raise RankStopped from error
+        self.closes_at_exit = True
+        atexit.register(self._meet_and_close, at_exit=True)
+        if error is not None:
+            return
+        rank, (cls, msg) = failed[0]
+        where = f"rank {rank}/{self.world_size}"
+        if cls is None:
+            raise DistributedError(f"{where} failed: {msg}")
+        raise cls(f"{where}: {msg}")
+
+    def _meet_and_close(self, at_exit: bool = False) -> None:
+        """One barrier with the other ranks, then close. Rank 0 runs it at exit after an agreed
+        failure; every other rank at once, so they wait for rank 0's report."""
+        if at_exit:
+            self.closes_at_exit = False
+        with contextlib.suppress(Exception):
+            self.barrier()
+        self.close()
 
 
 def _is_collective_failure(e: BaseException) -> bool:
@@ -133,7 +199,7 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def setup(cfg: ParallelConfig) -> DistState:
+def join(cfg: ParallelConfig) -> DistGroup:
     """Join the process group torchrun set up the environment for (RANK, WORLD_SIZE, ...).
 
     strategy=none under a multi-process launch picks ddp (running N independent copies that
@@ -149,7 +215,7 @@ def setup(cfg: ParallelConfig) -> DistState:
             print(f"parallel.strategy=none under a {world}-process launch: using ddp",
                   file=sys.stderr, flush=True)
     if strategy == "none":
-        return DistState()
+        return DistGroup()
     if strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel.strategy must be none, ddp or fsdp, got {strategy!r}")
     if cfg.timeout_s < 1:
@@ -178,296 +244,6 @@ def setup(cfg: ParallelConfig) -> DistState:
                                  timeout=timeout)
     elif owns_group:
         raise ConfigError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun")
-    return DistState(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
+    return DistGroup(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
                      local_rank=local_rank, device=device, strategy=strategy,
-                     timeout_s=cfg.timeout_s, extra={"owns_group": owns_group})
-
-
-# ---------------------------------------------------------------------------------------------
-# Wrapping and running the model.
-
-
-class _FSDPRoot(nn.Module):
-    """The FSDP root: owns the model and runs a function of it inside its own forward.
-
-    FSDP2 all-gathers a module's parameters in that module's forward pre-hook. The blocks and
-    heads are their own FSDP units, so calling them directly is fine; but the root's parameters
-    (embedding, final norm, unembedding) are gathered only by the ROOT's forward, and the MTP
-    loss never calls `model.forward` (it calls trunk/head/unembed and runs its backwards
-    itself). Running the whole loss as `root(mtp_loss, x, y)` puts every use of them inside it.
-    """
-
-    def __init__(self, module: MultiTokenModel) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return fn(self.module, *args, **kwargs)
-
-
-def wrap_model(model: MultiTokenModel, cfg: ParallelConfig, dist: DistState, dtype: str) -> Any:
-    if dist.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # DDP broadcasts rank 0's parameters here, so every rank starts identical. The rope
-        # tables are non-persistent buffers computed identically everywhere: nothing to sync.
-        ids = [dist.device.index] if dist.device is not None and dist.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, broadcast_buffers=False)
-    if dist.strategy == "fsdp":
-        root = _wrap_fsdp(model, dist, dtype)
-        dist.extra["root"] = root  # the DCP resume in optimizer_state_for needs it
-        return root
-    return model
-
-
-def _wrap_fsdp(model: MultiTokenModel, dist: DistState, dtype: str) -> _FSDPRoot:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if not model.layers:
-        # The trunk's backward is what makes FSDP reduce-scatter the embedding's gradient (its
-        # final callback is queued by an FSDP unit's backward hook); with no trunk layer nothing
-        # would, and the embedding would silently stop training.
-        raise ConfigError("parallel.strategy=fsdp needs at least one trunk layer "
-                          "(model.n_layers > model.n_future for transformer-layer heads)")
-    assert dist.device is not None
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-    mp = MixedPrecisionPolicy()
-    if dist.device.type == "cuda" and dtype == "bfloat16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    # Bottom-up: each block and head is one all-gather / reduce-scatter unit. Ranks shard
-    # identical full weights: the model was built after seed_everything(train.seed) everywhere.
-    for block in [*model.layers, *model.heads]:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    root = _FSDPRoot(model)
-    # reshard_after_forward=True on the root (FSDP's default keeps a root gathered for the
-    # backward that follows its forward): the per-head losses run their backwards INSIDE the
-    # root's forward, so by the time it returns the root's parameters are no longer needed.
-    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    return root
-
-
-def run_model(wrapped: Any, model: MultiTokenModel, fn: Callable[..., Any], *args: Any,
-              **kwargs: Any) -> Any:
-    """fn(model, *args, **kwargs), run where the parallel wrapper can see it (FSDP: the root)."""
-    if isinstance(wrapped, _FSDPRoot):
-        return wrapped(fn, *args, **kwargs)
-    return fn(model, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def maybe_no_sync(wrapped: Any, dist: DistState, last: bool) -> Iterator[None]:
-    if dist.strategy == "ddp":
-        # Always: DDP's reducer must stay out of the per-head backwards (see finish_grads).
-        with wrapped.no_sync():
-            yield
-    elif dist.strategy == "fsdp":
-        # Standard FSDP2 accumulation: reduce-scatter only in the last micro-step.
-        wrapped.set_requires_gradient_sync(last)
-        yield
-    else:
-        yield
-
-
-def loss_fn(wrapped: Any, model: MultiTokenModel, x: torch.Tensor, y: torch.Tensor,
-            **kwargs: Any) -> LossOutput:
-    if not isinstance(wrapped, _FSDPRoot) or kwargs.get("method") == "naive":
-        return run_model(wrapped, model, mtp_loss, x, y, **kwargs)
-    # sequential / chunked: every head's backward ends with FSDP's post-backward callback,
-    # which reduce-scatters the root's gradients so far (correct: reduce-scatter is linear and
-    # FSDP adds it to the sharded .grad) and would then reshard the root, freeing the norm and
-    # unembedding that the next head still needs. Keep them gathered until the root's forward
-    # ends (it reshards then; see _wrap_fsdp). Cost: the unembedding's gradient is
-    # reduce-scattered once per head instead of once per micro-step.
-    wrapped.set_reshard_after_backward(False, recurse=False)
-    try:
-        return wrapped(mtp_loss, x, y, **kwargs)
-    finally:
-        wrapped.set_reshard_after_backward(True, recurse=False)
-
-
-def finish_grads(wrapped: Any, model: MultiTokenModel, dist: DistState) -> None:
-    """Make the gradients global: the mean over all ranks (each holds an equal share of rows).
-
-    DDP: its reducer is armed by a forward of the DDP module and expects ONE backward after
-    it, in which autograd hooks mark each parameter ready once. The MTP loss runs n_future + 1
-    backwards per micro-step, through model.trunk / model.head directly (never DDP.forward),
-    and the shared norm and unembedding get a gradient in n_future of them. The reported
-    failure is "Expected to mark a variable ready only once"; measured on torch 2.13 with gloo
-    it is worse: no error, and the ranks' gradients silently differ (default, static_graph and
-    find_unused_parameters alike; see docs/distributed.md). So every backward
-    runs under no_sync(), and here ONE all-reduce per optimizer step moves the accumulated
-    gradients, flattened into DDP-sized buckets: the bytes DDP would move with no_sync
-    accumulation, but not overlapped with the backward.
-    """
-    if dist.strategy == "ddp" and dist.world_size > 1:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        for bucket in _buckets(grads):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-            flat.div_(dist.world_size)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-    elif isinstance(wrapped, _FSDPRoot):
-        # FSDP reduce-scattered during the backwards; make sure the root holds no stale
-        # gathered copy across the optimizer step (a no-op when already sharded).
-        wrapped.reshard()
-
-
-def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for g in grads:
-        if bucket and (size + g.numel() * g.element_size() > _BUCKET_BYTES
-                       or g.dtype != bucket[0].dtype or g.device != bucket[0].device):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(g)
-        size += g.numel() * g.element_size()
-    if bucket:
-        yield bucket
-
-
-def optimizer_step(opt: torch.optim.Optimizer, model: MultiTokenModel, dist: DistState) -> None:
-    opt.step()
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation.
-
-
-def shard_batches(batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  dist: DistState) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's rows of each GLOBAL validation batch (so the union is the 1-process set).
-
-    Every rank gets the same number of batches, which FSDP needs (each forward is collective).
-    A batch with fewer rows than ranks (only when the validation split holds less than one
-    full batch, so it is the only batch) is evaluated whole by every rank; `reduce_eval`'s
-    count-weighted mean is unchanged by that uniform duplication.
-    """
-    if dist.world_size == 1:
-        return batches
-    out = []
-    for x, y in batches:
-        if x.shape[0] < dist.world_size:
-            out.append((x, y))
-        else:
-            out.append((x.tensor_split(dist.world_size)[dist.rank],
-                        y.tensor_split(dist.world_size)[dist.rank]))
-    return out
-
-
-def reduce_eval(metrics: dict[str, list[float]], batches: list[Any],
-                dist: DistState) -> dict[str, list[float]]:
-    """Combine per-rank means into global ones, weighting each rank by its label counts."""
-    if dist.world_size == 1:
-        return metrics
-    n = len(metrics["head_loss"])
-    counts = torch.zeros(n, dtype=torch.float64)
-    for _, y in batches:
-        for i in range(n):
-            counts[i] += float(shift_targets(y, i).ne(IGNORE_INDEX).sum())
-    loss = torch.tensor(metrics["head_loss"], dtype=torch.float64) * counts
-    acc = torch.tensor(metrics["head_acc"], dtype=torch.float64) * counts
-    total = dist.all_reduce_sum(torch.stack([loss, acc, counts]))
-    denom = total[2].clamp(min=1)
-    return {**metrics, "head_loss": (total[0] / denom).tolist(),
-            "head_acc": (total[1] / denom).tolist()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def load_train_state(ckpt_dir: Path, dist: DistState) -> dict[str, Any] | None:
-    path = ckpt_io.find_checkpoint(ckpt_dir)
-    state = ckpt_io.load_train_state(path)
-    if state is None:
-        return None
-    saved = state.get("parallel", {}).get("strategy", "none")
-    sharded, want = saved == "fsdp", dist.strategy == "fsdp"
-    if sharded != want:
-        raise CheckpointError(
-            f"--resume: {path} was written with parallel.strategy={saved}; resume it with "
-            f"--parallel.strategy={'fsdp' if sharded else 'ddp or none'}")
-    dist.extra["resume_dir"] = path
-    return state
-
-
-def load_model_weights(ckpt_dir: Path, model: MultiTokenModel, dist: DistState) -> None:
-    if dist.strategy == "fsdp":
-        return  # sharded weights are loaded with the optimizer, after wrapping (optimizer_state_for)
-    ckpt_io.load_weights(ckpt_io.find_checkpoint(ckpt_dir) / ckpt_io.WEIGHTS, model)
-
-
-def optimizer_state_for(state: dict[str, Any], model: MultiTokenModel, opt: torch.optim.Optimizer,
-                        dist: DistState) -> dict[str, Any]:
-    """The optimizer state dict that train.py passes to `opt.load_state_dict`.
-
-    FSDP: loads the sharded model AND optimizer state from checkpoint/dcp (each rank reads its
-    shards), then returns the optimizer's own (now loaded) state, which reloads as a no-op.
-    """
-    if dist.strategy != "fsdp":
-        return state["optimizer"]
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    root = dist.extra["root"]
-    src = dist.extra["resume_dir"] / DCP_DIR
-    if not (src / ".metadata").is_file():
-        raise CheckpointError(f"--resume: {src} holds no sharded (DCP) state")
-    msd, osd = get_state_dict(root, opt)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(src))
-    set_state_dict(root, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    return opt.state_dict()
-
-
-def save_checkpoint(ckpt_dir: Path, model: MultiTokenModel, wrapped: Any, opt: torch.optim.Optimizer,
-                    tokenizer: Any, dist: DistState, *, run_config: dict[str, Any], step: int,
-                    train_state: dict[str, Any]) -> None:
-    """Write the checkpoint atomically (see checkpoint.py). Collective: every rank calls it.
-
-    none/ddp: rank 0 writes weights + optimizer state (identical on every rank); the others
-    wait at the barrier so nobody races ahead of a checkpoint that is not committed yet.
-    fsdp: every rank writes its shards with DCP into a staging folder, rank 0 gathers the
-    consolidated weights, and after a barrier moves the staging folder into the new checkpoint
-    as dcp/ before the checkpoint's atomic commit. A crash at any point leaves the previous
-    checkpoint (or <dir>.old, which find_checkpoint recovers) complete.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    info = {"parallel": {"strategy": dist.strategy, "world_size": dist.world_size}}
-    if dist.strategy != "fsdp":
-        if dist.is_main:
-            ckpt_io.save_checkpoint(ckpt_dir, model, tokenizer, run_config=run_config, step=step,
-                                    train_state={**train_state, **info,
-                                                 "optimizer": opt.state_dict()})
-        dist.barrier()
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_state_dict,
-    )
-
-    staging = ckpt_dir.with_name(ckpt_dir.name + ".dcp.tmp")
-    if dist.is_main:
-        if staging.exists():  # left by a crash mid-save
-            shutil.rmtree(staging)
-        staging.parent.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    msd, osd = get_state_dict(wrapped, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(staging))
-    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True,
-                                                                  cpu_offload=True))
-    dist.barrier()  # every rank's shard files are closed
-    if dist.is_main:
-        prefix = "module."
-        weights = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full.items()}
-        ckpt_io.save_checkpoint(ckpt_dir, model, tokenizer, run_config=run_config, step=step,
-                                train_state={**train_state, **info}, state_dict=weights,
-                                add_dirs={DCP_DIR: staging})
-    dist.barrier()
+                     timeout_s=cfg.timeout_s, owns_group=owns_group)

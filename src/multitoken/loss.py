@@ -14,14 +14,18 @@ Three methods, equal in value and gradients:
 - chunked:    sequential, and each head's norm + unembedding + cross-entropy goes through
               torch's chunked `F.linear_cross_entropy`, so no full [B*T, V] logits ever exist.
 
-`sequential` and `chunked` run backward themselves (they must, to free memory between heads):
-they return detached losses, with gradients already accumulated in the parameters' `.grad`.
+One contract for all three (`mtp_loss`): with `backward=True` the method runs its own backward
+(sequential and chunked must, to free memory between heads), accumulating gradients into the
+parameters' `.grad`; with `backward=False` it only runs the forward, without a graph
+(evaluation). Either way it returns per-head SUMS and COUNTS (`LossOutput`), detached and on the
+batch's device, never means: batches, micro-steps and ranks combine by adding them, and the
+label-weighted mean is taken once, where it is reported (`head_means`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -32,35 +36,29 @@ from multitoken.errors import ConfigError
 from multitoken.model import MultiTokenModel
 
 IGNORE_INDEX = -100
+METHODS = ("naive", "sequential", "chunked")
 
 
 @dataclass
 class LossOutput:
-    loss: Tensor  # weighted sum over heads (scalar); has a graph only for method "naive"
-    head_losses: list[Tensor]  # unweighted mean CE per head (detached)
-    head_correct: list[Tensor]  # number of correct top-1 predictions per head (detached)
-    head_counts: list[Tensor]  # number of valid labels per head
+    """Per-head statistics of one batch: detached [n_future] tensors on the batch's device."""
+
+    # float64: head i's mean CE over its valid labels (the float32 value its backward used)
+    # times its label count, i.e. the sum of its CE rounded as the trained loss is. Summing these
+    # and dividing by the summed counts gives the label-weighted mean of the batches' means.
+    loss_sum: Tensor
+    correct: Tensor  # int64: correct top-1 predictions
+    count: Tensor  # int64: valid labels
+
+    def stats(self) -> Tensor:
+        """[3, n] float64: loss_sum, correct, count; the form that is accumulated and reduced."""
+        return torch.stack([self.loss_sum, self.correct.double(), self.count.double()])
 
 
-def head_weights(spec: str | list[float], n: int) -> list[float]:
-    """'uniform' | 'geometric:<r>' | explicit list -> n weights."""
-    if isinstance(spec, list):
-        if len(spec) != n:
-            raise ConfigError(f"loss.weights has {len(spec)} entries but the model has {n} heads")
-        if any(w < 0 for w in spec):
-            raise ConfigError("loss.weights must be non-negative")
-        return [float(w) for w in spec]
-    if spec == "uniform":
-        return [1.0] * n
-    if spec.startswith("geometric:"):
-        try:
-            r = float(spec.split(":", 1)[1])
-        except ValueError:
-            raise ConfigError(f"loss.weights: bad ratio in {spec!r}") from None
-        if r <= 0:
-            raise ConfigError(f"loss.weights: geometric ratio must be > 0, got {r}")
-        return [r**i for i in range(n)]
-    raise ConfigError(f"loss.weights must be 'uniform', 'geometric:<r>' or a list, got {spec!r}")
+def head_means(stats: Tensor) -> dict[str, list[float]]:
+    """Per-head mean loss and top-1 accuracy from summed stats [3, n] (`LossOutput.stats`)."""
+    count = stats[2].clamp(min=1)
+    return {"head_loss": (stats[0] / count).tolist(), "head_acc": (stats[1] / count).tolist()}
 
 
 def shift_targets(targets: Tensor, i: int) -> Tensor:
@@ -135,32 +133,59 @@ def _ce_sum(model: MultiTokenModel, h: Tensor, labels: Tensor,
     return loss, correct
 
 
-def mtp_loss(model: MultiTokenModel, idx: Tensor, targets: Tensor, *, method: str = "sequential",
-             weights: list[float] | None = None, loss_scale: float = 1.0,
-             autocast: Callable[[], object] | None = None) -> LossOutput:
+def mtp_loss(model: MultiTokenModel, idx: Tensor, targets: Tensor, *, backward: bool,
+             method: str = "sequential", weights: list[float] | None = None,
+             loss_scale: float = 1.0, autocast: Callable[[], object] | None = None,
+             after_forward: Callable[[], object] | None = None) -> LossOutput:
     """Multi-token loss of `model` on inputs idx [B, T] with next-token labels targets [B, T].
 
-    `loss_scale` multiplies what is backpropagated (e.g. 1/grad_accum) but not what is returned.
+    backward=True: accumulates into `.grad` the gradient of
+        loss_scale * sum_i w_i * (CE sum of head i / its label count in this batch)
+    (each method runs its own backward). backward=False: forward only, under no_grad.
+    `loss_scale` (e.g. 1/grad_accum) multiplies what is backpropagated, not what is returned.
     `autocast` is a context-manager factory wrapped around every forward (bf16 on CUDA).
+    `after_forward` is called between the forward and the backward of a method that builds the
+    whole forward graph before one backward (naive); the others never hold it all at once and
+    never call it. The training-memory benchmark measures the graph there.
     """
+    if method not in METHODS:
+        raise ConfigError(f"loss.method must be naive, sequential or chunked, got {method!r}")
     n = model.cfg.n_future
     w = weights if weights is not None else [1.0] * n
     labels = [shift_targets(targets, i) for i in range(n)]
     counts = [lab.ne(IGNORE_INDEX).sum() for lab in labels]
     ctx = autocast or contextlib.nullcontext
+    if not backward:
+        with torch.no_grad():
+            return _all_heads(model, idx, labels, counts, method == "chunked", ctx)[0]
     if method == "naive":
-        with ctx():
-            hs = model.hidden(idx)
-            losses, correct = [], []
-            for i in range(n):
-                s, c = _ce_sum(model, hs[i], labels[i], chunked=False)
-                losses.append(s / counts[i].clamp(min=1))
-                correct.append(c)
-        total = sum(wi * li for wi, li in zip(w, losses))
-        return LossOutput(total, [x.detach() for x in losses], correct, counts)
-    if method not in ("sequential", "chunked"):
-        raise ConfigError(f"loss.method must be naive, sequential or chunked, got {method!r}")
+        out, means = _all_heads(model, idx, labels, counts, False, ctx)
+        if after_forward is not None:
+            after_forward()
+        total = sum(wi * mi for wi, mi in zip(w, means))
+        (total * loss_scale).backward()
+        return out
     return _sequential(model, idx, labels, counts, w, loss_scale, method == "chunked", ctx)
+
+
+def _output(means: list[Tensor], correct: list[Tensor], counts: list[Tensor]) -> LossOutput:
+    count = torch.stack(counts)
+    return LossOutput(loss_sum=torch.stack([m.detach() for m in means]).double() * count,
+                      correct=torch.stack(correct).long(), count=count)
+
+
+def _all_heads(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], counts: list[Tensor],
+               chunked: bool, ctx: Callable[[], object]) -> tuple[LossOutput, list[Tensor]]:
+    """Every head's forward and loss (no backward); also returns the per-head means, with their
+    graph when grad is enabled (naive's one backward goes through them)."""
+    with ctx():
+        hs = model.hidden(idx)
+        means, correct = [], []
+        for i in range(model.cfg.n_future):
+            s, c = _ce_sum(model, hs[i], labels[i], chunked)
+            means.append(s / counts[i].clamp(min=1))
+            correct.append(c)
+    return _output(means, correct, counts), means
 
 
 def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], counts: list[Tensor],
@@ -178,14 +203,14 @@ def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], count
         cos, sin = model.rope(T, None)
         z = model.trunk(idx, cos, sin)
     z_leaf = z.detach().requires_grad_(True)  # gradients of all heads accumulate here
-    losses: list[Tensor] = [torch.zeros(())] * n
+    means: list[Tensor] = [torch.zeros(())] * n
     correct: list[Tensor] = [torch.zeros((), dtype=torch.long)] * n
 
     def head_loss(i: int, h_leaf: Tensor) -> Tensor:
         with ctx():
             s, c = _ce_sum(model, h_leaf, labels[i], chunked)
         mean = s / counts[i].clamp(min=1)
-        losses[i], correct[i] = mean.detach(), c
+        means[i], correct[i] = mean.detach(), c
         return mean * (w[i] * scale)
 
     chained = any(model.head_parent(i) is not None for i in range(n))
@@ -210,12 +235,19 @@ def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], count
             head_loss(i, leaves[i]).backward()  # adds to leaves[i].grad (children already did)
             outs[i].backward(leaves[i].grad)
     z.backward(z_leaf.grad)  # one backward through the trunk
-    total = sum(wi * li for wi, li in zip(w, losses))
-    return LossOutput(total, losses, correct, counts)
+    return _output(means, correct, counts)
 
 
-@torch.no_grad()
-def evaluate_batch(model: MultiTokenModel, idx: Tensor, targets: Tensor,
-                   autocast: Callable[[], object] | None = None) -> LossOutput:
-    """Per-head loss and accuracy without gradients (validation)."""
-    return mtp_loss(model, idx, targets, method="naive", autocast=autocast)
+def evaluate_stats(model: MultiTokenModel, batches: Iterable[tuple[Tensor, Tensor]],
+                   device: torch.device, autocast: Callable[[], object] | None = None) -> Tensor:
+    """Summed stats [3, n] (`LossOutput.stats`) of `model` over validation batches, in eval
+    mode, without gradients, whatever loss.method trains it: the full-logits cross-entropy
+    (naive's forward; without a graph only one head's logits exist at a time)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(3, model.cfg.n_future, dtype=torch.float64, device=device)
+    for x, y in batches:
+        total += mtp_loss(model, x.to(device), y.to(device), backward=False, method="naive",
+                          autocast=autocast).stats()
+    model.train(was_training)
+    return total

@@ -1,24 +1,18 @@
 """The training program: data, model, AdamW + warmup/cosine, MTP loss, eval, checkpoints, plots.
 
-Single-device by design; `multitoken.distributed` wraps it for torchrun (DDP / FSDP2).
-A run directory holds:
-    checkpoint/      what load_checkpoint reads (+ train_state.pt for --resume)
-    metrics.jsonl    one JSON object per log line: {"kind": "train"|"val", "step": ..., ...}
-    loss.png         train/validation loss and validation accuracy per head
-    config.yaml      the resolved run config
+The model and this loop are single-device code: `multitoken.parallel` runs them in one process
+or, under torchrun, with DDP or FSDP2 (docs/distributed.md). The run folder (its layout,
+resuming, stopping on a signal) is `multitoken.runs`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import random
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,57 +24,26 @@ import yaml
 from tqdm import tqdm
 
 from multitoken import checkpoint as ckpt_io
-from multitoken import distributed as dist_mod
-from multitoken.config import RunConfig, resume_run_config, to_dict
+from multitoken.config import RunConfig, to_dict
+from multitoken.data import BatchSampler, DataBundle, prepare_data, val_batches
+from multitoken.devices import resolve_device
+from multitoken.distributed import DistGroup, join
 from multitoken.errors import CheckpointError, ConfigError
-from multitoken.loss import LossOutput, evaluate_batch, head_weights
+from multitoken.loss import evaluate_stats, head_means
 from multitoken.model import MultiTokenModel
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a checkpoint of the last finished step was saved."""
-
-    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
-        self.signum, self.step, self.run_dir = signum, step, run_dir
-        name = signal.Signals(signum).name
-        super().__init__(f"{name}: saved a checkpoint at step {step} in {run_dir}; continue with "
-                         f"`multitoken train --out {run_dir} --resume`")
-
-
-class StopSignals:
-    """While active, SIGINT/SIGTERM only set `.signum`; the loop saves a checkpoint at the end of
-    the step and stops. A second signal interrupts at once (KeyboardInterrupt)."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._saved: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {spec!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={spec} but CUDA is not available")
-    return dev
+from multitoken.parallel import check_supported, make_parallel, read_train_state
+from multitoken.plots import plot_losses
+from multitoken.runs import (
+    RUN_FILES,
+    MetricsLog,
+    StopSignals,
+    TrainingInterrupted,
+    has_checkpoint,
+    new_run_dir,
+    resume_config,
+    send_test_signal,
+)
+from multitoken.tokenizer import load_tokenizer
 
 
 def autocast_factory(device: torch.device, dtype: str) -> Callable[[], Any]:
@@ -124,286 +87,227 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def new_run_dir(base: str | Path = "runs") -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(base) / stamp
-    k = 1
-    while path.exists():
-        path = Path(base) / f"{stamp}-{k}"
-        k += 1
-    return path
-
-
-@torch.no_grad()
 def evaluate(model: MultiTokenModel, batches: list[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device, autocast: Callable[[], Any] | None = None) -> dict[str, list[float]]:
     """Validation loss and top-1 accuracy per head, weighted by each head's label count."""
-    was_training = model.training
-    model.eval()
-    n = model.cfg.n_future
-    loss_sum, correct, count = [0.0] * n, [0] * n, [0] * n
-    for x, y in batches:
-        out = evaluate_batch(model, x.to(device), y.to(device), autocast)
-        for i in range(n):
-            c = int(out.head_counts[i])
-            loss_sum[i] += float(out.head_losses[i]) * c
-            correct[i] += int(out.head_correct[i])
-            count[i] += c
-    model.train(was_training)
-    return {"head_loss": [s / max(1, c) for s, c in zip(loss_sum, count)],
-            "head_acc": [k / max(1, c) for k, c in zip(correct, count)]}
-
-
-class MetricsLog:
-    """Append-only metrics.jsonl; on resume, drops lines past the checkpoint's step."""
-
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        if not self.enabled or not self.path.is_file():
-            return
-        keep = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    return head_means(evaluate_stats(model, batches, device, autocast))
 
 
 def train(cfg: RunConfig, out_dir: str | Path | None = None, *, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train per `cfg`; returns the final validation metrics. See the module docstring."""
+    """Train per `cfg`; returns the final validation metrics. See multitoken.runs for the
+    folder it writes."""
     cfg.validate()
-    dist = dist_mod.setup(cfg.parallel)
-    with dist:  # closes the process group; names a dead or stalled peer clearly
-        return _train(cfg, out_dir, resume, progress, dist)
+    group = join(cfg.parallel)
+    with group:  # closes the process group; names a dead or stalled peer clearly
+        run = Path(out_dir) if out_dir is not None else group.broadcast_object(
+            new_run_dir() if group.is_main else None)
+        created = group.is_main and not run.exists()
+        try:
+            return _train(cfg, run, resume, progress, group)
+        except BaseException:
+            # A failure before the first checkpoint leaves no new folder behind; an interrupt
+            # saves a checkpoint first, and a folder that existed before is never removed.
+            if created and run.exists() and not has_checkpoint(run / "checkpoint"):
+                shutil.rmtree(run, ignore_errors=True)
+            raise
 
 
-def resume_config(run_dir: str | Path, recipe: str | Path | None = None,
-                  overrides: list[str] | None = None) -> tuple[RunConfig, list[str]]:
-    """The config to continue `run_dir` with: the one saved in its checkpoint, plus what the
-    recipe and overrides change (see config.resume_run_config; model and data cannot change)."""
-    try:
-        ckpt = ckpt_io.find_checkpoint(Path(run_dir) / "checkpoint")
-    except CheckpointError:
-        raise CheckpointError(f"--resume: no checkpoint in {run_dir} to resume from "
-                              "(start it again without --resume)") from None
-    saved = ckpt_io.read_config(ckpt).get("run")
-    if not saved:
-        raise CheckpointError(f"--resume: {ckpt} records no run config")
-    return resume_run_config(saved, recipe, overrides)
+@dataclasses.dataclass
+class _Inputs:
+    """What the setup reads and checks before the model exists: each rank on its own."""
+
+    device: torch.device
+    data: DataBundle
+    ckpt: Path | None = None  # the checkpoint to resume from
+    state: dict[str, Any] | None = None  # its training state
 
 
-# Files a run writes next to its checkpoint: a folder holding them but no checkpoint is a run
-# stopped before its first save, which may be started again from scratch.
-RUN_FILES = ("metrics.jsonl", "config.yaml", "loss.png")
-
-
-def _has_checkpoint(ckpt_dir: Path) -> bool:
-    try:
-        ckpt_io.find_checkpoint(ckpt_dir)
-    except CheckpointError:
-        return False
-    return True
-
-
-def _train(cfg: RunConfig, out_dir: str | Path | None, resume: bool, progress: bool,
-           dist: dist_mod.DistState) -> dict[str, Any]:
-    run = Path(out_dir) if out_dir is not None else dist.broadcast_object(new_run_dir() if dist.is_main else None)
-    ckpt_dir = run / "checkpoint"
-    created = dist.is_main and not run.exists()
-    try:
-        return _train_in(cfg, run, resume, progress, dist)
-    except BaseException:
-        # A failure before the first checkpoint leaves no new folder behind; an interrupt saves
-        # a checkpoint first, and a folder that existed before is never removed.
-        if created and run.exists() and not _has_checkpoint(ckpt_dir):
-            shutil.rmtree(run, ignore_errors=True)
-        raise
-
-
-def _train_in(cfg: RunConfig, run: Path, resume: bool, progress: bool,
-              dist: dist_mod.DistState) -> dict[str, Any]:
-    from multitoken.data import BatchSampler, prepare_data, val_batches
-    from multitoken.tokenizer import load_tokenizer
-
+def _read_inputs(cfg: RunConfig, run: Path, resume: bool, group: DistGroup) -> _Inputs:
+    """Every check of the user's input; local to this rank (no collective), so that a failure
+    on one rank can be agreed on (`DistGroup.agreement`). Updates cfg.model.vocab_size."""
     t = cfg.train
+    device = group.device if group.device is not None else resolve_device(t.device, "train.device")
     ckpt_dir = run / "checkpoint"
-    device = dist.device if dist.device is not None else resolve_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    autocast = autocast_factory(device, t.dtype)
-    seed_everything(t.seed)
-
+    ckpt, state, tokenizer = None, None, None
     # ---- resume: the checkpoint's tokenizer and state win; the model shape must match ----------
-    state: dict[str, Any] | None = None
-    tokenizer = None
     if resume:
         try:
-            ckpt_io.find_checkpoint(ckpt_dir)
+            ckpt = ckpt_io.find_checkpoint(ckpt_dir)
         except CheckpointError:
             raise CheckpointError(f"--resume: no checkpoint in {run} to resume from") from None
-        meta = ckpt_io.read_config(ckpt_dir)
-        tokenizer = load_tokenizer(ckpt_io.find_checkpoint(ckpt_dir) / ckpt_io.TOKENIZER)
-        state = dist_mod.load_train_state(ckpt_dir, dist)
-        if state is None:
-            raise CheckpointError(f"--resume: {ckpt_dir} has no training state (train_state.pt)")
-    elif dist.is_main and _has_checkpoint(ckpt_dir):
+        tokenizer = load_tokenizer(ckpt / ckpt_io.TOKENIZER)
+        state = read_train_state(ckpt, group.strategy)
+    elif group.is_main and has_checkpoint(ckpt_dir):
         raise ConfigError(
             f"{run} already holds a run; pass --resume to continue it or choose another --out")
 
     data = prepare_data(cfg.data, tokenizer)
-    tokenizer = data.tokenizer
-    if cfg.model.vocab_size != tokenizer.vocab_size:
-        cfg.model.vocab_size = tokenizer.vocab_size  # the tokenizer decides the vocabulary
+    if cfg.model.vocab_size != data.tokenizer.vocab_size:
+        cfg.model.vocab_size = data.tokenizer.vocab_size  # the tokenizer decides the vocabulary
     cfg.validate()
-    if resume:
-        saved = ckpt_io.model_config_from(meta, ckpt_dir)
+    if ckpt is not None:
+        saved = ckpt_io.model_config_from(ckpt_io.read_config(ckpt_dir), ckpt_dir)
         if dataclasses.asdict(saved) != dataclasses.asdict(cfg.model):
             raise CheckpointError(f"--resume: the model config differs from the checkpoint's in {ckpt_dir}")
+    check_supported(group.strategy, cfg.model)
+    micro = t.batch_size // t.grad_accum  # global rows per micro-step
+    if micro % group.world_size != 0:
+        raise ConfigError(f"train.batch_size / train.grad_accum ({micro}) must be divisible by the "
+                          f"number of processes ({group.world_size})")
+    return _Inputs(device, data, ckpt, state)
 
+
+def _open_run_folder(cfg: RunConfig, run: Path, inputs: _Inputs, model: MultiTokenModel,
+                     world_size: int, start: int) -> None:
+    """Rank 0: create the folder (only now: bad input leaves none) and say what runs."""
+    t, data = cfg.train, inputs.data
+    run.mkdir(parents=True, exist_ok=True)
+    if inputs.state is None:  # a folder without a checkpoint starts over: drop a stopped run's files
+        for name in RUN_FILES:
+            (run / name).unlink(missing_ok=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print(f"run: {run} | {model.num_params() / 1e6:.2f}M non-embedding params | "
+          f"{cfg.model.n_future} heads ({cfg.model.head_type}) | tokenizer {data.tokenizer.name} "
+          f"(vocab {data.tokenizer.vocab_size}) | train {len(data.train):,} / val {len(data.val):,} "
+          f"tokens | device {inputs.device} x{world_size}", flush=True)
+    if data.split.skipped:
+        print(f"skipped {data.split.skipped} file(s) that are not valid UTF-8", flush=True)
+    if data.split.note:
+        print(data.split.note, flush=True)
+    if start >= t.steps:
+        print(f"the run is already at step {start} and train.steps={t.steps}: nothing to "
+              f"train (pass --train.steps=N with N > {start} to continue)", flush=True)
+
+
+def _train(cfg: RunConfig, run: Path, resume: bool, progress: bool,
+           group: DistGroup) -> dict[str, Any]:
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed)  # before the data (a tokenizer may be trained) and the model
+    # ---- setup: bad input on any rank stops every rank, and rank 0 reports it once ------------
+    with group.agreement():
+        inputs = _read_inputs(cfg, run, resume, group)
+    device, data = inputs.device, inputs.data
+    autocast = autocast_factory(device, t.dtype)
     with torch.device(device):
         model = MultiTokenModel(cfg.model)
-    if resume:
-        dist_mod.load_model_weights(ckpt_dir, model, dist)
-    wrapped = dist_mod.wrap_model(model, cfg.parallel, dist, t.dtype)
+    parallel = make_parallel(model, group, dtype=t.dtype)
     if t.compile:
         for block in [*model.layers, *model.heads]:
             block.compile()
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     micro = t.batch_size // t.grad_accum  # global rows per micro-step
-    if micro % dist.world_size != 0:
-        raise ConfigError(f"train.batch_size / train.grad_accum ({micro}) must be divisible by the "
-                          f"number of processes ({dist.world_size})")
-    sampler = BatchSampler(data.train, t.seq_len, micro, seed=t.seed, rank=dist.rank,
-                           world_size=dist.world_size)
+    sampler = BatchSampler(data.train, t.seq_len, micro, seed=t.seed, rank=group.rank,
+                           world_size=group.world_size)
     # Each rank evaluates its rows of the same global batches: the union is the 1-process set.
-    vbatches = dist_mod.shard_batches(val_batches(data.val, t.seq_len, micro, t.eval_batches), dist)
-    weights = head_weights(cfg.loss.weights, cfg.model.n_future)
-    metrics = MetricsLog(run / "metrics.jsonl", enabled=dist.is_main)
+    vbatches = parallel.shard_batches(val_batches(data.val, t.seq_len, micro, t.eval_batches))
+    metrics = MetricsLog(run / "metrics.jsonl", enabled=group.is_main)
     start = 0
-    if state is not None:
-        opt.load_state_dict(dist_mod.optimizer_state_for(state, model, opt, dist))
-        sched.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        start = int(state["step"])
-        metrics.truncate_after(start)
-    if dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no folder
-        if state is None:  # a folder without a checkpoint starts over: drop a stopped run's files
-            for name in RUN_FILES:
-                (run / name).unlink(missing_ok=True)
-        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        print(f"run: {run} | {model.num_params() / 1e6:.2f}M non-embedding params | "
-              f"{cfg.model.n_future} heads ({cfg.model.head_type}) | tokenizer {tokenizer.name} "
-              f"(vocab {tokenizer.vocab_size}) | train {len(data.train):,} / val {len(data.val):,} "
-              f"tokens | device {device} x{dist.world_size}", flush=True)
-        if data.split.skipped:
-            print(f"skipped {data.split.skipped} file(s) that are not valid UTF-8", flush=True)
-        if data.split.note:
-            print(data.split.note, flush=True)
-        if start >= t.steps:
-            print(f"the run is already at step {start} and train.steps={t.steps}: nothing to "
-                  f"train (pass --train.steps=N with N > {start} to continue)", flush=True)
+    with group.agreement():
+        if inputs.state is not None:
+            assert inputs.ckpt is not None
+            parallel.load(inputs.ckpt, opt, inputs.state)
+            sched.load_state_dict(inputs.state["scheduler"])
+            sampler.load_state_dict(inputs.state["sampler"])
+            start = int(inputs.state["step"])
+            metrics.truncate_after(start)
+        if group.is_main:
+            _open_run_folder(cfg, run, inputs, model, group.world_size, start)
 
     def save(step: int) -> None:
-        train_state = {"step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict()}
-        dist_mod.save_checkpoint(ckpt_dir, model, wrapped, opt, tokenizer, dist,
-                                 run_config=to_dict(cfg), step=step, train_state=train_state)
+        state = {"step": step, "scheduler": sched.state_dict(), "sampler": sampler.state_dict()}
+        parallel.save(run / "checkpoint", opt, data.tokenizer, run_config=to_dict(cfg),
+                      step=step, train_state=state)
 
-    model.train()
+    # ---- the loop ------------------------------------------------------------------------------
+    n = cfg.model.n_future
+    weights = cfg.loss.head_weights(n)
     tokens_per_step = t.batch_size * t.seq_len
     bar = tqdm(total=max(t.steps, start), initial=start,
-               disable=not (progress and dist.is_main), dynamic_ncols=True, desc="train")
+               disable=not (progress and group.is_main), dynamic_ncols=True, desc="train")
     last_val: dict[str, list[float]] = {}
+    # Statistics stay on the device: the step's per-head sums ([3, n]: loss, correct, labels)
+    # and the loss sums of the steps since the host last read them (`interval`). The host reads
+    # them, summed over ranks, only to log and before a checkpoint, and checks there that the
+    # loss stayed finite, naming the steps since the last check.
+    interval = torch.zeros(n, dtype=torch.float64, device=device)
+    checked = start  # the last step whose loss was checked
+
+    def host_stats(stats: torch.Tensor, done: int) -> torch.Tensor:
+        nonlocal checked
+        both = parallel.reduce_sum(torch.cat([stats, interval[None]])).cpu()
+        if not torch.isfinite(both[3]).all():
+            bad = float(sum(w * v for w, v in zip(weights, both[3].tolist())))
+            where = f"step {done}" if checked + 1 == done else f"a step in {checked + 1}..{done}"
+            raise RuntimeError(f"loss became {bad} at {where}; lower optim.lr or check the data")
+        interval.zero_()
+        checked = done
+        return both[:3]
+
+    def checkpoint(stats: torch.Tensor, done: int) -> None:
+        if checked != done:
+            host_stats(stats, done)  # never save weights trained on a non-finite loss
+        save(done)
+
     t0 = time.perf_counter()
     with bar, StopSignals() as stop:
         for step in range(start, t.steps):
-            n = cfg.model.n_future
-            head_loss = torch.zeros(n, dtype=torch.float64)
-            head_correct = torch.zeros(n, dtype=torch.float64)
-            head_count = torch.zeros(n, dtype=torch.float64)
+            stats = torch.zeros(3, n, dtype=torch.float64, device=device)
             for k in range(t.grad_accum):
                 x, y = sampler.next()
-                x, y = x.to(device), y.to(device)
-                with dist_mod.maybe_no_sync(wrapped, dist, last=k == t.grad_accum - 1):
-                    out: LossOutput = dist_mod.loss_fn(
-                        wrapped, model, x, y, method=cfg.loss.method, weights=weights,
-                        loss_scale=1.0 / t.grad_accum, autocast=autocast)
-                    if cfg.loss.method == "naive":
-                        (out.loss / t.grad_accum).backward()
-                for i in range(n):
-                    c = float(out.head_counts[i])
-                    head_loss[i] += float(out.head_losses[i]) * c
-                    head_correct[i] += float(out.head_correct[i])
-                    head_count[i] += c
-            dist_mod.finish_grads(wrapped, model, dist)
+                stats += parallel.forward_backward(
+                    x.to(device), y.to(device), last=k == t.grad_accum - 1,
+                    method=cfg.loss.method, weights=weights, loss_scale=1.0 / t.grad_accum,
+                    autocast=autocast).stats()
+            parallel.finish_grads()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) \
                 if cfg.optim.grad_clip > 0 else torch.tensor(0.0)
-            dist_mod.optimizer_step(opt, model, dist)
+            parallel.optimizer_step(opt)
             sched.step()
             opt.zero_grad(set_to_none=True)
+            interval += stats[0]
 
             done = step + 1
-            stats = dist.all_reduce_sum(torch.stack([head_loss, head_correct, head_count]))
-            hl = (stats[0] / stats[2].clamp(min=1)).tolist()
-            loss = float(sum(w * v for w, v in zip(weights, hl)))
-            if not math.isfinite(loss):
-                raise RuntimeError(f"loss became {loss} at step {done}; lower optim.lr or check the data")
-            elapsed = time.perf_counter() - t0
-            tok_s = (done - start) * tokens_per_step / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{loss:.3f}", h1=f"{hl[0]:.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if done % t.log_every == 0 or done == t.steps or done == start + 1:
+                means = head_means(host_stats(stats, done))
+                hl = means["head_loss"]
+                loss = float(sum(w * v for w, v in zip(weights, hl)))
+                elapsed = time.perf_counter() - t0
+                tok_s = (done - start) * tokens_per_step / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{loss:.3f}", h1=f"{hl[0]:.3f}", tok_s=f"{tok_s:,.0f}")
                 metrics.write({"kind": "train", "step": done, "loss": loss, "head_loss": hl,
-                               "head_acc": (stats[1] / stats[2].clamp(min=1)).tolist(),
-                               "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                               "tokens": done * tokens_per_step, "tok_s": tok_s,
-                               "elapsed_s": elapsed})
+                               "head_acc": means["head_acc"], "lr": sched.get_last_lr()[0],
+                               "grad_norm": float(gnorm), "tokens": done * tokens_per_step,
+                               "tok_s": tok_s, "elapsed_s": elapsed})
             if done % t.eval_every == 0 or done == t.steps:
-                last_val = dist_mod.reduce_eval(dist_mod.run_model(
-                    wrapped, model, evaluate, vbatches, device, autocast), vbatches, dist)
+                last_val = parallel.evaluate(vbatches, autocast)
                 metrics.write({"kind": "val", "step": done, "loss": float(sum(
                     w * v for w, v in zip(weights, last_val["head_loss"]))), **last_val})
-                if dist.is_main:
+                if group.is_main:
                     bar.write(f"step {done}: val loss/head {fmt(last_val['head_loss'])} "
                               f"acc/head {fmt(last_val['head_acc'])}")
             if done % t.ckpt_every == 0 or done == t.steps:
-                save(done)
-            _test_signal(done)
+                checkpoint(stats, done)
+            send_test_signal(done)
             # Agree on stopping across ranks, so that every rank takes part in the final save.
-            if dist.all_reduce_sum(torch.tensor([float(stop.signum != 0)]))[0] > 0:
+            if parallel.reduce_sum(torch.tensor([float(stop.signum != 0)]))[0] > 0:
                 if done % t.ckpt_every != 0 and done != t.steps:
-                    save(done)
+                    checkpoint(stats, done)
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, done, run)
     if not last_val:  # resumed a finished run
-        last_val = dist_mod.reduce_eval(dist_mod.run_model(
-            wrapped, model, evaluate, vbatches, device, autocast), vbatches, dist)
-    if dist.is_main:
-        from multitoken.plots import plot_losses
-
+        last_val = parallel.evaluate(vbatches, autocast)
+    if group.is_main:
         plot_losses(run / "metrics.jsonl", run / "loss.png",
                     title=f"n_future={cfg.model.n_future} ({cfg.model.head_type} heads)")
     return {"run_dir": str(run), "step": t.steps, **last_val}
-
-
-def _test_signal(step: int) -> None:
-    """Tests: MULTITOKEN_TEST_SIGNAL="STEP:SIGNAME" sends that signal to this process right
-    after step STEP (SIGKILL for a hard crash, SIGINT/SIGTERM for an interrupt), exactly there."""
-    spec = os.environ.get("MULTITOKEN_TEST_SIGNAL", "")
-    at, _, name = spec.partition(":")
-    if at == str(step):
-        os.kill(os.getpid(), signal.Signals[name])
 
 
 def fmt(xs: list[float]) -> str:
     return " ".join(f"{x:.3f}" for x in xs)
 
 
-__all__ = ["evaluate", "train"]
+__all__ = ["TrainingInterrupted", "evaluate", "resume_config", "train", "warmup_cosine"]

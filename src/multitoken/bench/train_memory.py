@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from multitoken import cliargs
 from multitoken.bench.common import (
     MIB,
     PeakMemory,
@@ -45,54 +46,59 @@ from multitoken.bench.common import (
     format_table,
     last_json_line,
     print_json,
-    resolve_device,
     set_threads,
     worker_env,
 )
 from multitoken.config import ModelConfig
+from multitoken.devices import resolve_device
+from multitoken.errors import ConfigError
 from multitoken.loss import IGNORE_INDEX, mtp_loss
 from multitoken.model import MultiTokenModel
 
 VARIANTS = ("ntp", "naive", "sequential", "chunked")  # the ones in the JSON line
 ALL_VARIANTS = (*VARIANTS, "ntp_mtp_loss")
 SWEEP_N = (2, 4, 8)
+LOSS_METHOD = {"ntp_mtp_loss": "naive"}  # the mtp_loss method of a variant not named after one
 TARGETS = {"sequential": 1.10, "chunked": 0.5}  # peak <= factor x ntp's peak (issue 2)
 
 
 class BenchError(Exception):
-    """A worker failed or the options do not make sense: reported as one line, exit 1."""
+    """A measuring worker failed: reported as one line, exit 1 (bad options are ConfigErrors:
+    exit 2, before any worker starts)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cliargs.ArgumentParser(
         prog="multitoken bench train-memory",
         description="Peak memory of one training step (forward + backward) for plain next-token "
                     "training and the three multi-token loss methods, each in its own process.")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
-    p.add_argument("--dim", type=int, default=512, help="model width (default 512)")
-    p.add_argument("--layers", type=int, default=4,
+    pos = cliargs.positive_int
+    p.add_argument("--vocab", type=pos, default=32000, help="vocabulary size (default 32000)")
+    p.add_argument("--dim", type=pos, default=512, help="model width (default 512)")
+    p.add_argument("--layers", type=pos, default=4,
                    help="layers in all, trunk + head layers (default 4)")
-    p.add_argument("--n-heads", type=int, default=8, help="attention heads (default 8)")
-    p.add_argument("--tokens", type=int, default=8192, help="tokens per step (default 8192)")
-    p.add_argument("--seq-len", type=int, default=1024,
+    p.add_argument("--n-heads", type=pos, default=8, help="attention heads (default 8)")
+    p.add_argument("--tokens", type=pos, default=8192, help="tokens per step (default 8192)")
+    p.add_argument("--seq-len", type=pos, default=1024,
                    help="sequence length; batch = tokens / seq-len (default 1024, so 8 x 1024)")
-    p.add_argument("--n-future", type=int, default=4,
+    p.add_argument("--n-future", type=pos, default=4,
                    help="heads of the multi-token variants (default 4)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS),
                    help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default all)")
-    p.add_argument("--grad-tokens", type=int, default=2048,
+    p.add_argument("--grad-tokens", type=cliargs.non_negative_int, default=2048,
                    help="tokens of the gradient-equality check (0 = --tokens; default 2048)")
     p.add_argument("--sweep", action="store_true",
                    help=f"also measure naive/sequential/chunked at n_future in {SWEEP_N} and plot")
     p.add_argument("--png", default="docs/figures/train_memory.png",
                    help="where --sweep writes its plot")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=pos, default=2, help="torch CPU threads (default 2)")
+    cliargs.add_device_argument(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if a target (sequential <= 1.10 x ntp, chunked <= 0.5 x ntp, "
                         "max_grad_diff <= 1e-5) is missed")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement
+    p.add_argument("--worker", default=None, choices=(*ALL_VARIANTS, "graddiff"),
+                   help=argparse.SUPPRESS)  # internal: one measurement
     return p
 
 
@@ -104,14 +110,21 @@ def _shape(tokens: int, seq_len: int) -> tuple[int, int]:
     """(batch, seq) with batch * seq == tokens."""
     seq = min(seq_len, tokens)
     if seq < 2 or tokens % seq:
-        raise BenchError(f"--tokens ({tokens}) must be a multiple of --seq-len ({seq_len})")
+        raise ConfigError(f"--tokens ({tokens}) must be a multiple of --seq-len ({seq_len}), "
+                          "which must be >= 2")
     return tokens // seq, seq
+
+
+def _config(args: argparse.Namespace, n_future: int, layers: int, seq: int) -> ModelConfig:
+    """ModelConfig rejects invalid shapes (e.g. --dim not divisible by --n-heads): ConfigError."""
+    return ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=layers,
+                       n_heads=args.n_heads, max_seq_len=max(seq, 2), n_future=n_future,
+                       head_type="transformer")
 
 
 def _model(args: argparse.Namespace, n_future: int, layers: int, seq: int,
            device: torch.device) -> MultiTokenModel:
-    cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=layers, n_heads=args.n_heads,
-                      max_seq_len=max(seq, 2), n_future=n_future, head_type="transformer")
+    cfg = _config(args, n_future, layers, seq)
     torch.manual_seed(args.seed)
     return MultiTokenModel(cfg).to(device)
 
@@ -127,23 +140,26 @@ def train_step(model: MultiTokenModel, variant: str, idx: torch.Tensor,
                targets: torch.Tensor, meter: PeakMemory | None = None) -> float | None:
     """Forward + backward of one step; gradients accumulate into the parameters' `.grad`.
 
-    Returns the memory still held after the forward (the graph), for the one-backward variants.
+    Returns the memory still held after the forward (the graph), for the one-backward variants
+    (ntp, and the loss methods that call `after_forward`: naive); None for the others.
     """
+    held: list[float] = []
+
+    def measure() -> None:
+        if meter is not None:
+            held.append(meter.current_mib() - meter.baseline_mib)
+
     if variant == "ntp":
         # The textbook step: logits of the single head, cross-entropy, backward.
         h = model.hidden(idx)[0]
         loss = F.cross_entropy(model.unembed(h).flatten(0, 1), targets.flatten(),
                                ignore_index=IGNORE_INDEX)
-        held = None if meter is None else meter.current_mib() - meter.baseline_mib
+        measure()
         loss.backward()
-        return held
-    if variant in ("naive", "ntp_mtp_loss"):
-        out = mtp_loss(model, idx, targets, method="naive")
-        held = None if meter is None else meter.current_mib() - meter.baseline_mib
-        out.loss.backward()
-        return held
-    mtp_loss(model, idx, targets, method=variant)  # runs its own backward, head by head
-    return None
+    else:  # mtp_loss runs its own backward (one, or one per head)
+        mtp_loss(model, idx, targets, backward=True, method=LOSS_METHOD.get(variant, variant),
+                 after_forward=measure)
+    return held[0] if held else None
 
 
 def run_memory_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,9 +199,7 @@ def run_graddiff_worker(args: argparse.Namespace) -> dict[str, Any]:
     grads: dict[str, list[torch.Tensor]] = {}
     for method in ("naive", "sequential", "chunked"):
         model.zero_grad(set_to_none=True)
-        out = mtp_loss(model, idx, targets, method=method)
-        if method == "naive":
-            out.loss.backward()
+        mtp_loss(model, idx, targets, backward=True, method=method)
         grads[method] = [p.grad.detach().clone() for p in params]
     ref = max(g.abs().max().item() for g in grads["naive"])
     diffs = {m: max((a - b).abs().max().item() for a, b in zip(grads[m], grads["naive"])) / ref
@@ -252,11 +266,15 @@ def _plot(sweep: dict[str, Any], ntp_mib: float, same_ce_mib: float | None,
 def _run(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in ALL_VARIANTS]
-    if unknown:
-        raise BenchError(f"unknown variant(s) {unknown}; choose from {list(ALL_VARIANTS)}")
-    if args.n_future < 1 or args.layers < args.n_future:
-        raise BenchError(f"--layers ({args.layers}) must be >= --n-future ({args.n_future}) >= 1")
+    if unknown or not variants:
+        raise ConfigError(f"--variants: unknown or no variant(s) {unknown or args.variants!r}; "
+                          f"choose from {','.join(ALL_VARIANTS)}")
+    if args.layers < args.n_future:
+        raise ConfigError(f"--layers ({args.layers}) must be >= --n-future ({args.n_future})")
     batch, seq = _shape(args.tokens, args.seq_len)
+    _shape(args.grad_tokens or args.tokens, args.seq_len)
+    for n in {1, args.n_future, *(SWEEP_N if args.sweep else ())}:
+        _config(args, n, max(args.layers, n), seq)
     print(f"train-memory: vocab {args.vocab}, dim {args.dim}, {args.layers} layers in all, "
           f"{batch} x {seq} = {args.tokens} tokens, device {args.device}, threads {args.threads}",
           file=sys.stderr, flush=True)
@@ -332,15 +350,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    resolve_device(args.device)
     set_threads(args.threads)
     try:
         if args.worker is not None:
             if args.worker == "graddiff":
                 print_json(run_graddiff_worker(args))
-            elif args.worker in ALL_VARIANTS:
-                print_json(run_memory_worker(args))
             else:
-                raise BenchError(f"unknown worker {args.worker!r}")
+                print_json(run_memory_worker(args))
             return 0
         return _run(args)
     except BenchError as e:

@@ -30,15 +30,17 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from multitoken import cliargs
 from multitoken.bench.common import (
     Timer,
     format_table,
     median,
     print_json,
-    resolve_device,
     set_threads,
 )
 from multitoken.config import ModelConfig
+from multitoken.devices import resolve_device
+from multitoken.errors import ConfigError
 from multitoken.loss import IGNORE_INDEX, mtp_loss
 from multitoken.model import MultiTokenModel
 
@@ -65,18 +67,19 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cliargs.ArgumentParser(
         prog="multitoken bench train-speed",
         description="Training step time (forward + backward + AdamW) of a next-token model vs a "
                     "parameter-matched multi-token model, interleaved, with their FLOP ratio.")
-    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096)")
-    p.add_argument("--dim", type=int, default=256, help="model width (default 256)")
-    p.add_argument("--layers", type=int, default=8,
+    pos = cliargs.positive_int
+    p.add_argument("--vocab", type=pos, default=4096, help="vocabulary size (default 4096)")
+    p.add_argument("--dim", type=pos, default=256, help="model width (default 256)")
+    p.add_argument("--layers", type=pos, default=8,
                    help="layers in all, trunk + head layers (default 8)")
-    p.add_argument("--n-heads", type=int, default=4, help="attention heads (default 4)")
-    p.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--n-future", type=int, default=4,
+    p.add_argument("--n-heads", type=pos, default=4, help="attention heads (default 4)")
+    p.add_argument("--seq-len", type=pos, default=256, help="sequence length (default 256)")
+    p.add_argument("--batch", type=pos, default=8, help="sequences per step (default 8)")
+    p.add_argument("--n-future", type=pos, default=4,
                    help="heads of the multi-token model (default 4)")
     p.add_argument("--method", default="sequential", choices=("naive", "sequential", "chunked"),
                    help="loss method of the multi-token model (default sequential)")
@@ -84,14 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("plain", "naive", "sequential", "chunked"),
                    help="loss of the n=1 model: plain = F.cross_entropy, else mtp_loss's method "
                         "(default naive: one backward, same cross-entropy code as mtp_loss)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model (default 3)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per model (default 20)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=cliargs.non_negative_int, default=3,
+                   help="untimed steps per model (default 3)")
+    p.add_argument("--steps", type=pos, default=20, help="timed steps per model (default 20)")
+    p.add_argument("--threads", type=pos, default=2, help="torch CPU threads (default 2)")
+    cliargs.add_device_argument(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
     p.add_argument("--check", action="store_true",
                    help=f"exit 1 if ratio > {TARGET} x flop_ratio")
     return p
+
+
+def model_config(args: argparse.Namespace, n_future: int) -> ModelConfig:
+    """One arm's model config; ModelConfig rejects invalid shapes (e.g. --dim not divisible by
+    --n-heads) with a ConfigError, before anything is built or timed."""
+    return ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
+                       n_heads=args.n_heads, max_seq_len=args.seq_len, n_future=n_future,
+                       head_type="transformer")
 
 
 class _Arm:
@@ -115,34 +127,24 @@ class _Arm:
                 loss = F.cross_entropy(self.model.unembed(h).flatten(0, 1), targets.flatten(),
                                        ignore_index=IGNORE_INDEX)
                 loss.backward()
-            else:
-                out = mtp_loss(self.model, idx, targets, method=self.method)
-                if self.method == "naive":
-                    out.loss.backward()
+            else:  # runs its own backward
+                mtp_loss(self.model, idx, targets, backward=True, method=self.method)
             self.opt.step()
         return t.seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    set_threads(args.threads)
-    if args.n_future < 1 or args.layers < args.n_future:
-        print(f"error: --layers ({args.layers}) must be >= --n-future ({args.n_future}) >= 1",
-              file=sys.stderr)
-        return 1
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.seq_len < 2:
-        print("error: --steps, --batch must be >= 1, --warmup >= 0, --seq-len >= 2",
-              file=sys.stderr)
-        return 1
+    if args.layers < args.n_future:
+        raise ConfigError(f"--layers ({args.layers}) must be >= --n-future ({args.n_future})")
+    if args.seq_len < 2:
+        raise ConfigError(f"--seq-len must be >= 2, got {args.seq_len}")
+    cfgs = {n: model_config(args, n) for n in (1, args.n_future)}
     device = resolve_device(args.device)
+    set_threads(args.threads)
 
-    def cfg(n: int) -> ModelConfig:
-        return ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
-                           n_heads=args.n_heads, max_seq_len=args.seq_len, n_future=n,
-                           head_type="transformer")
-
-    ntp = _Arm(cfg(1), args.ntp_method, args.seed, device)
-    mtp = _Arm(cfg(args.n_future), args.method, args.seed, device)
+    ntp = _Arm(cfgs[1], args.ntp_method, args.seed, device)
+    mtp = _Arm(cfgs[args.n_future], args.method, args.seed, device)
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g)
     idx, targets = x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)
