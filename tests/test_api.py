@@ -1,9 +1,9 @@
 """The documented public API (`from multitoken import ...`) in any import order.
 
-`multitoken.generate` is both a submodule and the function it defines; the package makes the
-name the function whatever was imported before (see multitoken/__init__.py). Each order runs
-on a freshly imported package: in a subprocess, with every `multitoken` module dropped from
-sys.modules between orders (torch, slow to import, stays loaded).
+The decoding code lives in `multitoken.decoding`, so no submodule shares the name of the public
+function `multitoken.generate`: importing any module first must not change what the public names
+are. Each order runs on a freshly imported package: in a subprocess, with every `multitoken`
+module dropped from sys.modules between orders (torch, slow to import, stays loaded).
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ ORDERS = [
     "",
     "import multitoken",
     "import multitoken.cli",
-    "from multitoken.generate import generate as g0, Sampling",
-    "import multitoken.generate",
-    "import multitoken.speculative, multitoken.tree, multitoken.calibrate",
-    "import multitoken; multitoken.generate; import multitoken.generate",
-    "from multitoken import load_checkpoint; import multitoken.generate",
+    "from multitoken.decoding.generate import generate as g0",
+    "from multitoken.decoding.sampling import Sampling",
+    "import multitoken.decoding.generate",
+    "import multitoken.decoding",
+    "import multitoken.decoding.speculate, multitoken.decoding.tree, multitoken.decoding.calibrate",
+    "import multitoken.commands.generate, multitoken.commands.calibrate",
+    "import multitoken; multitoken.generate; import multitoken.decoding.generate",
+    "from multitoken import load_checkpoint; import multitoken.commands.generate",
     "from multitoken import *",
 ]
 
 CHECK = textwrap.dedent("""
-    import importlib, sys, types
+    import importlib, importlib.util, sys, types
 
     def fresh():
         for name in [m for m in sys.modules if m == "multitoken" or m.startswith("multitoken.")]:
@@ -37,9 +40,11 @@ CHECK = textwrap.dedent("""
         from multitoken import (ModelConfig, MultiTokenModel, MultitokenError, RunConfig,
                                 generate, load_checkpoint, save_checkpoint)
         import multitoken
-        module = importlib.import_module("multitoken.generate")
-        assert isinstance(module, types.ModuleType) and callable(module.main), before
+        module = importlib.import_module("multitoken.decoding.generate")
+        assert isinstance(module, types.ModuleType), before
         assert generate is module.generate and multitoken.generate is generate, (before, generate)
+        assert importlib.util.find_spec("multitoken.generate") is None  # no module of that name
+        assert callable(importlib.import_module("multitoken.commands.generate").main)
         assert load_checkpoint is importlib.import_module("multitoken.checkpoint").load_checkpoint
         assert save_checkpoint is importlib.import_module("multitoken.checkpoint").save_checkpoint
         assert ModelConfig is importlib.import_module("multitoken.config").ModelConfig
@@ -79,8 +84,10 @@ def test_public_api_in_any_import_order(tmp_path):
 
 def test_generate_is_the_function_in_this_process():
     import multitoken
-    import multitoken.generate  # noqa: F401 - binds the submodule, which must not win
+    import multitoken.commands.generate
+    import multitoken.decoding.generate  # noqa: F401 - binds submodules of the package
     from multitoken import generate
 
     assert callable(generate) and generate.__name__ == "generate"
-    assert generate is sys.modules["multitoken.generate"].generate
+    assert generate is sys.modules["multitoken.decoding.generate"].generate
+    assert multitoken.generate is generate

@@ -14,8 +14,8 @@ from helpers_decode import (  # noqa: F401 - one_thread is an autouse fixture
     pattern_tokens,
     trained_model,
 )
-from multitoken import calibrate as calibrate_module
-from multitoken.calibrate import (
+from multitoken.decoding import calibrate as calibrate_module
+from multitoken.decoding.calibrate import (
     calibrate,
     load_calibration,
     path_probs,
@@ -24,8 +24,8 @@ from multitoken.calibrate import (
     time_forwards,
     typical_time,
 )
+from multitoken.decoding.tree import Tree, default_tree
 from multitoken.errors import MultitokenError
-from multitoken.tree import Tree, default_tree
 
 
 def test_path_probs_counts_rank_prefixes():
@@ -127,8 +127,8 @@ def test_calibrate_on_a_trained_model():
 
 def test_cli_calibrate_then_generate_and_bench(tmp_path, capsys):
     from multitoken.bench.decode import main as bench_main
-    from multitoken.calibrate import main as cal_main
-    from multitoken.generate import main as gen_main
+    from multitoken.commands.calibrate import main as cal_main
+    from multitoken.commands.generate import main as gen_main
 
     ck = make_checkpoint(tmp_path)
     assert load_calibration(ck) is None

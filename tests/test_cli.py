@@ -21,10 +21,10 @@ from helpers_decode import make_checkpoint
 from multitoken import cliargs
 from multitoken.bench import decode as bench_decode
 from multitoken.bench import train_memory, train_speed
-from multitoken.calibrate import build_parser as calibrate_parser
 from multitoken.cli import eval_parser, main
+from multitoken.commands.calibrate import build_parser as calibrate_parser
+from multitoken.commands.generate import build_parser as generate_parser
 from multitoken.distill import build_parser as distill_parser
-from multitoken.generate import build_parser as generate_parser
 
 
 @pytest.fixture(scope="module")

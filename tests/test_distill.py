@@ -17,9 +17,9 @@ from helpers_decode import (  # noqa: F401 - one_thread is an autouse fixture
     random_model,
 )
 from multitoken.config import DistillConfig
+from multitoken.decoding.generate import generate
 from multitoken.distill import distill, distill_loss, draft_head_loss, main
 from multitoken.errors import ConfigError, MultitokenError
-from multitoken.generate import generate
 
 
 def test_draft_head_loss_equals_hand_computed_sum():

@@ -193,7 +193,7 @@ def test_fsdp_crash_mid_save_then_resume(setup, fsdp_run, tmp_path):
 def test_consolidated_export_loads_in_one_process(reference, fsdp_run, capsys):
     from multitoken.checkpoint import load_checkpoint
     from multitoken.cli import main
-    from multitoken.generate import generate
+    from multitoken.decoding.generate import generate
 
     model, tok = load_checkpoint(fsdp_run)
     ref_model, _ = load_checkpoint(reference)

@@ -17,8 +17,10 @@ from helpers_decode import (  # noqa: F401 - one_thread is an autouse fixture
     reference_greedy,
     trained_model,
 )
+from multitoken.decoding.engine import Engine
+from multitoken.decoding.generate import generate
+from multitoken.decoding.sampling import Sampling, process_logits
 from multitoken.errors import MultitokenError
-from multitoken.generate import Sampling, generate, process_logits
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 0, 1]]
 
@@ -251,7 +253,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_cli_generate_streams_text_and_stats(checkpoint, capsys):
-    from multitoken.generate import main
+    from multitoken.commands.generate import main
 
     assert main(["--checkpoint", str(checkpoint), "--prompt", "def f(x):", "--max-new-tokens",
                  "12", "--speculative", "chain", "--no-stop"]) == 0
@@ -260,7 +262,7 @@ def test_cli_generate_streams_text_and_stats(checkpoint, capsys):
 
 
 def test_cli_generate_errors_are_multitoken_errors(checkpoint, capsys):
-    from multitoken.generate import main
+    from multitoken.commands.generate import main
 
     with pytest.raises(MultitokenError, match="num_drafts"):
         main(["--checkpoint", str(checkpoint), "--prompt", "x", "--speculative", "chain",
@@ -349,3 +351,64 @@ def test_cli_validates_before_the_lowering_note(checkpoint, capsys, bad):
     # the default --max-new-tokens (256) does not fit after this prompt: it would be lowered
     rc, out, err = _cli(["--checkpoint", str(checkpoint), "--prompt", "def ", *bad], capsys)
     assert rc == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding uses the model's current weights, however they were changed.
+
+
+def _copy_data(model, new):
+    for name, p in model.named_parameters():
+        p.data.copy_(new[name])  # how EMA / weight averaging write weights: no version bump
+
+
+def _ema(model, new):
+    for name, p in model.named_parameters():
+        p.data.mul_(0.5).add_(new[name], alpha=0.5)
+
+
+def _optimizer_step(model, new):
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for name, p in model.named_parameters():
+        p.grad = p.detach() - new[name]
+    opt.step()
+
+
+def _to(model, new):
+    model.to(torch.float64)  # new storages; decoding now runs in float64
+
+
+WEIGHT_CHANGES = {"p.data.copy_": _copy_data, "ema": _ema,
+                  "load_state_dict": lambda m, new: m.load_state_dict(new),
+                  "optimizer step": _optimizer_step, ".to()": _to}
+
+
+@pytest.mark.parametrize("change", list(WEIGHT_CHANGES))
+@pytest.mark.parametrize("head_type", ["transformer", "causal"])
+def test_decoding_follows_weight_changes(change, head_type):
+    """Decode, change the weights, decode again: the output is that of a freshly built model
+    holding the new weights, in every mode (nothing decodes with a stale copy of a layer).
+    (`.to()` changes no value that greedy tokens would show, only the storage and dtype.)"""
+    model = random_model(head_type)
+    new = random_model(head_type, seed=1).state_dict()
+    modes = [dict(speculative="off"), dict(speculative="chain"),
+             dict(speculative="tree", tree=[(0,), (1,), (0, 0), (0, 0, 0)])]
+    before = [generate(model, PROMPTS, 12, **m).tokens for m in modes]
+    WEIGHT_CHANGES[change](model, new)
+    fresh = random_model(head_type, seed=2).to(model.tok_embeddings.weight.dtype)
+    fresh.load_state_dict(model.state_dict())
+    after = [generate(fresh, PROMPTS, 12, **m).tokens for m in modes]
+    assert after != before or change == ".to()"  # the change is visible in the output
+    assert [generate(model, PROMPTS, 12, **m).tokens for m in modes] == after
+
+
+def test_layouts_are_reused_only_while_the_weights_are_bitwise_unchanged():
+    model = random_model()
+    first = Engine(model, 4).layers
+    assert Engine(model, 4).layers is first  # unchanged weights: laid out once
+    w = model.heads[2].feed_forward.w2.weight  # a draft head's weight
+    w.data[0, 0] = 0.0
+    zero = Engine(model, 4).layers
+    assert zero is not first and Engine(model, 4).layers is zero
+    w.data[0, 0] = -0.0  # equal as numbers, another bit pattern: a change
+    assert Engine(model, 4).layers is not zero

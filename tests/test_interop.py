@@ -17,8 +17,8 @@ import torch
 
 from conftest import tiny_model
 from multitoken.checkpoint import save_checkpoint
+from multitoken.decoding.generate import generate
 from multitoken.errors import CheckpointError
-from multitoken.generate import generate
 from multitoken.interop import (
     export_hf_llama,
     export_hf_tokenizer,

@@ -1,13 +1,17 @@
-"""Chain speculation: greedy output identical to plain greedy; sampling exact (chi-square)."""
+"""Chain speculation (the tree path over `Tree.chain(k)`): greedy output identical to plain
+greedy; sampling exact (chi-square); the engine's forward against the model's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import multitoken.speculative as spec
+import multitoken.decoding.speculate as spec
 from helpers_decode import HEAD_TYPES, one_thread, random_model, trained_model  # noqa: F401
-from multitoken.generate import Sampling, generate
+from multitoken.decoding.engine import Engine
+from multitoken.decoding.generate import generate
+from multitoken.decoding.sampling import Sampling, accept_one_hot, residual_one_hot
+from multitoken.model import causal_context
 from test_generate import PROMPTS, chi_square_pvalue, exact_joint, sample_many
 
 
@@ -79,51 +83,53 @@ def test_chain_sampling_matches_exact_distribution(s):
     assert 0.2 < stats.acceptance[0] < 0.95  # both acceptance and rejection happen often
 
 
-def _always_accept(probs, drafts, generator):
+def _always_accept(probs, child_tok, valid, generator):
     """Wrong: a greedy draft scored as if drawn from a proposal equal to p (min(1, p/q) = 1)."""
-    B, k = drafts.shape
-    n = torch.full((B,), k, dtype=torch.long)
-    return n, torch.multinomial(probs[:, k], 1, generator=generator).squeeze(1)
+    return torch.where(valid[..., 0], 0, valid.shape[-1]).expand(probs.shape[:2])
 
 
-def _residual_keeps_draft(probs, drafts, generator):
-    """Wrong: accept w.p. p(x) but on rejection resample from p itself, x not removed."""
-    B, k = drafts.shape
-    p_draft = probs[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
-    u = torch.rand(B, k, generator=generator)
-    n = (u < p_draft).cumprod(dim=1).sum(dim=1)
-    final = probs[torch.arange(B), n]
-    return n, torch.multinomial(final, 1, generator=generator).squeeze(1)
+def _residual_keeps_draft(probs, rejected, valid):
+    """Wrong: accept w.p. p(x) (the right rule) but on rejection resample from p itself, x not
+    removed."""
+    return probs
 
 
-@pytest.mark.parametrize("wrong", [_always_accept, _residual_keeps_draft])
-def test_the_statistic_catches_wrong_acceptance_rules(monkeypatch, wrong):
+@pytest.mark.parametrize("name, wrong", [("accept_one_hot", _always_accept),
+                                         ("residual_one_hot", _residual_keeps_draft)])
+def test_the_statistic_catches_wrong_acceptance_rules(monkeypatch, name, wrong):
     model = trained_model()
     s = SETTINGS[0]
     expected = exact_joint(model, PROMPT, 3, s)
-    monkeypatch.setattr(spec, "accept_chain", wrong)
+    monkeypatch.setattr(spec, name, wrong)
     samples, _ = sample_many(model, PROMPT, 3, s, mode="chain", num_drafts=2)
     p, _ = chi_square_pvalue(samples, expected)
     assert p < 1e-6
 
 
-def test_accept_chain_unit():
-    # p(draft) = 1 -> always accepted; p(draft) = 0 -> never, and never resampled
-    probs = torch.tensor([[[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]],
-                          [[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]]).expand(2, 2, 3)
-    drafts = torch.tensor([[1], [0]])
+def test_one_hot_rule_unit():
+    # p(draft) = 1 -> always accepted; p(draft) = 0 -> never, and never resampled; a second
+    # child holding all the mass left after the first one's rejection -> always accepted then
+    probs = torch.tensor([[[0.0, 1.0, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.5]]]).expand(2, 3, 3)
+    child_tok = torch.tensor([[1, 0], [1, 0], [1, 2]]).expand(2, 3, 2)
+    valid = torch.tensor([[True, False], [True, False], [True, True]])
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        n, nxt = spec.accept_chain(probs, drafts, g)
-        assert n.tolist() == [1, 0]
-        assert nxt[0].item() in (0, 2) and nxt[1].item() in (1, 2)
+    seen = set()
+    for _ in range(40):
+        choice = accept_one_hot(probs, child_tok, valid, g)
+        assert choice[:, :2].tolist() == [[0, 2]] * 2  # 2 = none accepted
+        seen.update(choice[:, 2].tolist())
+        res = residual_one_hot(probs[:, 1], child_tok[:, 1], valid[1].expand(2, 2))
+        assert res.tolist() == [[0.5, 0.0, 0.5]] * 2  # the rejected token 1 had p = 0 anyway
+        nxt = torch.multinomial(res, 1, generator=g)
+        assert set(nxt.flatten().tolist()) <= {0, 2}
+    assert seen == {0, 1}
+    # the residual removes exactly the rejected tokens (here the first child only)
+    res = residual_one_hot(probs[:, 2], child_tok[:, 2], torch.tensor([[True, False]] * 2))
+    assert res.tolist() == [[0.0, 0.0, 0.5]] * 2
 
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_engine_forward_matches_model_hidden(head_type):
-    from multitoken.engine import Engine
-    from multitoken.model import causal_context
-
     model = random_model(head_type)
     idx = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 0, 6]])
     with torch.no_grad():
@@ -135,16 +141,14 @@ def test_engine_forward_matches_model_hidden(head_type):
         fwd = eng.forward(idx, pos, causal_context(cache, pos, 6))
         assert torch.allclose(fwd.h0, ref[0], atol=1e-5)
         sel = torch.tensor([5, 3])
-        drafts = eng.drafts(fwd, sel)
+        draft_hidden = eng.draft_hidden(fwd, sel)
         for i in range(1, 4):
-            assert torch.allclose(drafts[i - 1], ref[i][torch.arange(2), sel], atol=1e-5)
+            assert torch.allclose(draft_hidden[i - 1], ref[i][torch.arange(2), sel], atol=1e-5)
 
 
 def test_low_precision_drafts_keep_the_output_exact(monkeypatch):
     # drafts are proposals: computing them in bf16 may change acceptance, never the output
     import functools
-
-    from multitoken.engine import Engine
 
     model = trained_model()
     plain = generate(model, PROMPTS, 30).tokens

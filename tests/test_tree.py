@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import multitoken.tree as tree_mod
+import multitoken.decoding.speculate as spec
 from helpers_decode import HEAD_TYPES, one_thread, random_model, trained_model  # noqa: F401
+from multitoken.decoding.generate import generate
+from multitoken.decoding.sampling import Sampling
+from multitoken.decoding.tree import Tree, default_tree, grow_tree, tree_context
 from multitoken.errors import MultitokenError
-from multitoken.generate import Sampling, generate
 from multitoken.model import KVCache
-from multitoken.tree import Tree, default_tree, grow_tree
 from test_generate import PROMPTS, chi_square_pvalue, exact_joint, sample_many
 
 WIDE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 1, 0), (1, 0, 0)]
@@ -32,6 +33,24 @@ def test_tree_structure():
         Tree([()])
     with pytest.raises(MultitokenError):
         Tree([(0, -1)])
+
+
+@pytest.mark.parametrize("paths", [WIDE, [(0,)], [(0, 0, 0)], [(1, 0), (0, 0, 1)]])
+def test_tree_mask(paths):
+    """Each node sees the slots before the root and its own path (a chain: slots <= its own,
+    which tree_context builds as the causal mask)."""
+    tree = Tree(paths)
+    nodes = [(), *tree.paths]
+    base, kv_len = torch.tensor([3, 7]), 7 + len(nodes) + 2
+    ctx = tree_context(KVCache(1, 2, 32, 1, 2, device="cpu", dtype=torch.float32), base, tree,
+                       kv_len)
+    assert ctx.mask.shape == (2, 1, len(nodes), kv_len)
+    for b, root in enumerate(base.tolist()):
+        assert ctx.slots[b].tolist() == list(range(root, root + len(nodes)))
+        for j, node in enumerate(nodes):
+            seen = [s for s in range(kv_len) if ctx.mask[b, 0, j, s]]
+            path = [root + nodes.index(node[:d]) for d in range(len(node) + 1)]
+            assert seen == list(range(root)) + sorted(path), (b, node)
 
 
 def test_grow_tree_is_greedy_and_prefix_closed():
@@ -61,10 +80,10 @@ def test_tree_greedy_with_real_acceptance_and_compaction(monkeypatch):
     # Swap ranks 0 and 1 of every draft head, so the accepted path usually leaves the top-1
     # chain and its keys/values must be moved into place: still exact (drafts are proposals).
     moved = []
-    orig_copy, orig_top = KVCache.copy_slots, tree_mod.top_candidates
+    orig_copy, orig_top = KVCache.copy_slots, spec.top_candidates
     monkeypatch.setattr(KVCache, "copy_slots",
                         lambda self, s, d: (moved.append(1), orig_copy(self, s, d)))
-    monkeypatch.setattr(tree_mod, "top_candidates",
+    monkeypatch.setattr(spec, "top_candidates",
                         lambda logits, r: orig_top(logits, r)[..., [1, 0, *range(2, r)]])
     res = generate(model, PROMPTS, 40, speculative="tree", tree=WIDE)
     assert res.tokens == plain and len(moved) > 5 and res.stats.tokens_per_forward > 1.5
@@ -100,32 +119,18 @@ def test_tree_sampling_matches_exact_distribution(s):
     assert 0.3 < stats.acceptance[0] < 0.99
 
 
-def _no_residual(probs, tok, t, depth, generator):
+def _no_residual(probs, child_tok, valid, generator):
     """Wrong: siblings each accepted w.p. p(c), ignoring that earlier siblings were rejected."""
-    B = tok.shape[0]
-    rows = torch.arange(B)
-    cur = torch.zeros(B, dtype=torch.long)
-    stopped = torch.zeros(B, dtype=torch.bool)
-    for _ in range(depth):
-        kids = t["children"][cur]
-        valid = (kids >= 0) & ~stopped[:, None]
-        p_kid = probs[rows, cur].gather(1, tok.gather(1, kids.clamp(min=0))) * valid
-        take = valid & (torch.rand(p_kid.shape, generator=generator) < p_kid)
-        moved = take.any(1)
-        cur = torch.where(moved, kids[rows, take.int().argmax(1)], cur)
-        stopped |= ~moved
-    kids = t["children"][cur]
-    final = probs[rows, cur]
-    drop = torch.zeros_like(final).scatter_add_(1, tok.gather(1, kids.clamp(min=0)),
-                                                (kids >= 0).float()) > 0
-    return cur, torch.multinomial(final.masked_fill(drop, 0.0), 1, generator=generator).squeeze(1)
+    p_kid = probs.gather(-1, child_tok) * valid
+    take = valid & (torch.rand(p_kid.shape, generator=generator) < p_kid)
+    return torch.where(take.any(-1), take.int().argmax(-1), valid.shape[-1])
 
 
 def test_the_statistic_catches_a_wrong_sibling_rule(monkeypatch):
     model = trained_model()
     s = Sampling(2.0, top_k=4)  # the children hold most of the mass: the rule matters most
     expected = exact_joint(model, PROMPT, 3, s)
-    monkeypatch.setattr(tree_mod, "accept_tree", _no_residual)
+    monkeypatch.setattr(spec, "accept_one_hot", _no_residual)
     samples, _ = sample_many(model, PROMPT, 3, s, mode="tree", tree=SAMPLING_TREE)
     p, _ = chi_square_pvalue(samples, expected)
     assert p < 1e-6

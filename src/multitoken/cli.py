@@ -57,6 +57,8 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its saved config (--config and overrides "
                    "may change the schedule, e.g. --train.steps, not the model or data)")
+    p.add_argument("--init", help="start from this checkpoint's weights, model config and "
+                   "tokenizer (e.g. one made by `multitoken add-heads`); same as --train.init")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
                    help="print a sample generation at the end")
@@ -66,6 +68,8 @@ def cmd_train(argv: list[str]) -> int:
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out DIR (the run to continue)")
+    if args.init:
+        rest = [*rest, f"--train.init={args.init}"]
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if args.resume:
         cfg, changes = resume_config(args.out, args.config, _split_overrides(rest))
@@ -93,7 +97,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def _print_sample(run_dir: str, prompt: str, n_tokens: int) -> None:
     from multitoken.checkpoint import load_checkpoint
-    from multitoken.generate import generate
+    from multitoken.decoding.generate import generate
 
     model, tok = load_checkpoint(run_dir)
     ids = tok.encode(prompt)
@@ -196,8 +200,8 @@ def cmd_bench(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
-    "generate": cmd_module("multitoken.generate"),
-    "calibrate": cmd_module("multitoken.calibrate"),
+    "generate": cmd_module("multitoken.commands.generate"),
+    "calibrate": cmd_module("multitoken.commands.calibrate"),
     "distill": cmd_module("multitoken.distill"),
     "convert": cmd_module("multitoken.interop"),
     "eval-code": cmd_module("multitoken.codeeval"),

@@ -37,10 +37,10 @@ import torch
 from tqdm import tqdm
 
 from multitoken import cliargs
-from multitoken.calibrate import load_calibration
 from multitoken.checkpoint import load_checkpoint
+from multitoken.decoding.calibrate import load_calibration
+from multitoken.decoding.generate import SPECULATIVE_MODES, generate
 from multitoken.errors import ConfigError, DataError, MultitokenError
-from multitoken.generate import SPECULATIVE_MODES, generate
 from multitoken.model import MultiTokenModel
 from multitoken.sandbox import Limits, RunResult, describe, isolation, run_programs
 

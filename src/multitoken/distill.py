@@ -54,7 +54,7 @@ def greedy_continuations(model: MultiTokenModel, prompts: list[list[int]], new_t
     continuation (plain decoding, no stop tokens)."""
     from tqdm.auto import tqdm
 
-    from multitoken.generate import generate
+    from multitoken.decoding.generate import generate
 
     rows: list[list[int]] = []
     starts = range(0, len(prompts), batch)
@@ -126,7 +126,7 @@ def draft_agreement(model: MultiTokenModel, seqs: Tensor, start: int) -> dict[st
     """On greedy continuations seqs [N, T]: per draft head, the share of positions t >= start
     where its argmax equals the token head 1 decoded there; and the tokens per forward that
     chain speculation with all draft heads achieves on these sequences (replayed)."""
-    from multitoken.calibrate import draft_ranks, simulate_tokens_per_forward
+    from multitoken.decoding.calibrate import draft_ranks, simulate_tokens_per_forward
 
     D = model.n_future - 1
     ranks = draft_ranks(model, seqs, start, max_rank=1)  # 0 = top-1 is head 1's token
@@ -166,7 +166,7 @@ def distill(model: MultiTokenModel, train_tokens: Any, val_tokens: Any, cfg: Dis
     """Distill the draft heads of `model` in place; returns the metrics (see module docstring)."""
     from tqdm.auto import tqdm
 
-    from multitoken.calibrate import prompts_from
+    from multitoken.decoding.calibrate import prompts_from
     from multitoken.train import warmup_cosine
 
     say = log or (lambda *_: None)
@@ -280,7 +280,6 @@ def build_parser() -> cliargs.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from multitoken.bench.common import format_table, print_json
-    from multitoken.calibrate import data_splits
     from multitoken.checkpoint import (
         find_checkpoint,
         load_checkpoint,
@@ -288,6 +287,7 @@ def main(argv: list[str]) -> int:
         read_config,
         save_checkpoint,
     )
+    from multitoken.decoding.calibrate import data_splits
 
     args = build_parser().parse_args(argv)
 

@@ -4,7 +4,7 @@ Prompts are slices of the checkpoint's validation split (never trained on). All 
 one process, interleaved batch by batch (the order rotates), so drifts in machine load hit every
 mode alike. Every speculative output is checked token for token against plain greedy's.
 Speedup = plain greedy's wall time / the mode's, over the same prompts and the same number of
-new tokens (prefill included). Tokens per forward counts the bonus token (see generate.py).
+new tokens (prefill included). Tokens per forward counts the bonus token (see multitoken/decoding/generate.py).
 
 Last line: one JSON object {"exact", "batch_size", "greedy_tok_s", "modes", "forward_cost"}
 where forward_cost[m] = T(m)/T(1), the time of a speculative forward (all heads) over m tokens
@@ -79,15 +79,15 @@ def build_parser() -> cliargs.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
 
-    from multitoken.calibrate import (
+    from multitoken.checkpoint import load_checkpoint
+    from multitoken.decoding.calibrate import (
         load_calibration,
         prompts_from,
         time_forwards,
         validation_tokens,
     )
-    from multitoken.checkpoint import load_checkpoint
-    from multitoken.generate import generate
-    from multitoken.tree import Tree, default_tree
+    from multitoken.decoding.generate import generate
+    from multitoken.decoding.tree import Tree, default_tree
 
     device = resolve_device(args.device)
     set_threads(args.threads)

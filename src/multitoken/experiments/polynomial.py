@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from multitoken.decoding.generate import generate
 from multitoken.errors import DataError, MultitokenError
-from multitoken.generate import generate
 from multitoken.model import MultiTokenModel
 from multitoken.tokenizer import Tokenizer
 

@@ -1,4 +1,4 @@
-"""Choose the chain length and the draft tree from measurements: `multitoken calibrate`.
+"""Choose the chain length and the draft tree from measurements (`multitoken calibrate`).
 
 Two measurements, both on this machine and this checkpoint:
 
@@ -16,7 +16,8 @@ Two measurements, both on this machine and this checkpoint:
 
 Expected speedup of a mode = expected tokens per forward x T_plain / T_mode. The chain length k
 (1..D) and the tree size maximising it are written to `calibration.json` in the checkpoint
-directory; `multitoken generate` and `bench decode` use them by default.
+directory (`multitoken calibrate`, in `multitoken.commands.calibrate`); `multitoken generate`
+and `bench decode` use them by default.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multitoken import cliargs
-from multitoken.devices import resolve_device
-from multitoken.engine import Engine
+from multitoken.checkpoint import find_checkpoint, read_config
+from multitoken.config import DataConfig, from_dict
+from multitoken.data import prepare_data
+from multitoken.decoding.engine import Engine
+from multitoken.decoding.generate import generate
+from multitoken.decoding.tree import Path as TreePath
+from multitoken.decoding.tree import Tree, grow_tree
 from multitoken.errors import MultitokenError
 from multitoken.model import MultiTokenModel, causal_context
-from multitoken.tree import Path as TreePath
-from multitoken.tree import Tree, grow_tree
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -75,7 +78,7 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
         eng.logits(fwd.h0).argmax(-1)
         if h > 1:
             sel = torch.full((batch_size,), m - 1, device=device)
-            eng.draft_logits(eng.drafts(fwd, sel)).argmax(-1)
+            eng.draft_logits(eng.draft_hidden(fwd, sel)).argmax(-1)
 
     with torch.inference_mode():
         idx = torch.randint(0, cfg.vocab_size, (batch_size, context), generator=gen).to(device)
@@ -190,8 +193,6 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
               batch_sizes: tuple[int, ...] = (1,), reps: int = 20,
               log: Any = None) -> dict[str, Any]:
     """Measure acceptance and forward costs; return the calibration (see module docstring)."""
-    from multitoken.generate import generate
-
     cfg = model.cfg
     D = model.n_future - 1
     if D < 1:
@@ -276,8 +277,6 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
 
 def load_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
     """The stored calibration of a checkpoint, or None (a damaged file is reported, ignored)."""
-    from multitoken.checkpoint import find_checkpoint
-
     path = find_checkpoint(checkpoint) / CALIBRATION_FILE
     if not path.is_file():
         return None
@@ -293,10 +292,6 @@ def load_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
 
 def data_splits(checkpoint: str | Path, tokenizer: Any) -> Any:
     """The checkpoint run's corpus split (a `DataBundle`: .train, .val), tokenized as it was."""
-    from multitoken.checkpoint import read_config
-    from multitoken.config import DataConfig, from_dict
-    from multitoken.data import prepare_data
-
     meta = read_config(checkpoint)
     run = meta.get("run") or meta
     dcfg = from_dict(DataConfig, run.get("data", {}), prefix="data.")
@@ -308,55 +303,11 @@ def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
     return data_splits(checkpoint, tokenizer).val
 
 
-def build_parser() -> cliargs.ArgumentParser:
-    p = cliargs.ArgumentParser(prog="multitoken calibrate", description=(
-        "Measure per-head top-k acceptance on held-out data and decode forward costs on this "
-        "machine; store the best chain length and draft tree in <checkpoint>/calibration.json."))
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint (or run) directory; calibration.json is written there")
-    p.add_argument("--prompts", type=cliargs.positive_int, default=16,
-                   help="held-out prompts decoded to measure acceptance (default 16)")
-    p.add_argument("--prompt-len", type=cliargs.positive_int, default=128,
-                   help="tokens per prompt, at most half the model's context (default 128)")
-    p.add_argument("--gen-len", type=cliargs.positive_int, default=256,
-                   help="greedy tokens decoded per prompt, at most what the context leaves "
-                   "(default 256)")
-    p.add_argument("--max-rank", type=cliargs.positive_int, default=8,
-                   help="top-k ranks considered per head (default 8)")
-    p.add_argument("--max-nodes", type=cliargs.positive_int, default=32,
-                   help="largest tree considered (default 32)")
-    p.add_argument("--batch-sizes", type=cliargs.positive_int_list, default=[1],
-                   help="batch sizes to choose for, comma-separated, e.g. 1,8 (default 1)")
-    p.add_argument("--reps", type=cliargs.positive_int, default=20,
-                   help="timed repetitions of each forward shape (default 20)")
-    cliargs.add_device_argument(p)
-    cliargs.add_threads_argument(p)
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    from multitoken.checkpoint import find_checkpoint, load_checkpoint
-
-    device = resolve_device(args.device)
-    torch.set_num_threads(args.threads)
-    batch_sizes = tuple(args.batch_sizes)
-    model, tokenizer = load_checkpoint(args.checkpoint, device=device)
-    val = validation_tokens(args.checkpoint, tokenizer)
-    cal = calibrate(model, val, n_prompts=args.prompts, prompt_len=args.prompt_len,
-                    gen_len=args.gen_len, max_rank=args.max_rank, max_nodes=args.max_nodes,
-                    batch_sizes=batch_sizes, reps=args.reps, log=print)
-    out = find_checkpoint(args.checkpoint) / CALIBRATION_FILE
+def save_calibration(checkpoint: str | Path, cal: dict[str, Any]) -> Path:
+    """Write `cal` to the checkpoint's calibration.json (atomically: a reader sees the old file
+    or the new one); returns its path."""
+    out = find_checkpoint(checkpoint) / CALIBRATION_FILE
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(cal, indent=2) + "\n")
     tmp.replace(out)
-    acc = ", ".join(f"{a:.2f}" for a in cal["acceptance"]["chain"])
-    print(f"top-1 acceptance of heads 2..{model.n_future} (given earlier accepted): {acc}")
-    for B, c in cal["by_batch_size"].items():
-        cost = cal["forward_cost"][B]
-        chain = ", ".join(f"k={k}: {v:.2f}x" for k, v in c["expected_speedup"]["chain"].items())
-        best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(c["tree"]).paths)), 0.0)
-        print(f"batch {B}: plain forward {cost['plain_ms']:.2f} ms; expected speedup chain "
-              f"{chain}; tree of {len(c['tree'])} nodes: {best_tree:.2f}x -> {c['best_mode']}")
-    print(f"wrote {out}")
-    return 0
+    return out

@@ -1,0 +1,62 @@
+"""`multitoken calibrate --checkpoint DIR`: measure acceptance and forward costs, store the choice
+of chain length and draft tree in the checkpoint's calibration.json (see
+`multitoken.decoding.calibrate`)."""
+
+from __future__ import annotations
+
+import torch
+
+from multitoken import cliargs
+from multitoken.checkpoint import load_checkpoint
+from multitoken.decoding.calibrate import calibrate, save_calibration, validation_tokens
+from multitoken.decoding.tree import Tree
+from multitoken.devices import resolve_device
+
+
+def build_parser() -> cliargs.ArgumentParser:
+    p = cliargs.ArgumentParser(prog="multitoken calibrate", description=(
+        "Measure per-head top-k acceptance on held-out data and decode forward costs on this "
+        "machine; store the best chain length and draft tree in <checkpoint>/calibration.json."))
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint (or run) directory; calibration.json is written there")
+    p.add_argument("--prompts", type=cliargs.positive_int, default=16,
+                   help="held-out prompts decoded to measure acceptance (default 16)")
+    p.add_argument("--prompt-len", type=cliargs.positive_int, default=128,
+                   help="tokens per prompt, at most half the model's context (default 128)")
+    p.add_argument("--gen-len", type=cliargs.positive_int, default=256,
+                   help="greedy tokens decoded per prompt, at most what the context leaves "
+                   "(default 256)")
+    p.add_argument("--max-rank", type=cliargs.positive_int, default=8,
+                   help="top-k ranks considered per head (default 8)")
+    p.add_argument("--max-nodes", type=cliargs.positive_int, default=32,
+                   help="largest tree considered (default 32)")
+    p.add_argument("--batch-sizes", type=cliargs.positive_int_list, default=[1],
+                   help="batch sizes to choose for, comma-separated, e.g. 1,8 (default 1)")
+    p.add_argument("--reps", type=cliargs.positive_int, default=20,
+                   help="timed repetitions of each forward shape (default 20)")
+    cliargs.add_device_argument(p)
+    cliargs.add_threads_argument(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    torch.set_num_threads(args.threads)
+    batch_sizes = tuple(args.batch_sizes)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device)
+    val = validation_tokens(args.checkpoint, tokenizer)
+    cal = calibrate(model, val, n_prompts=args.prompts, prompt_len=args.prompt_len,
+                    gen_len=args.gen_len, max_rank=args.max_rank, max_nodes=args.max_nodes,
+                    batch_sizes=batch_sizes, reps=args.reps, log=print)
+    out = save_calibration(args.checkpoint, cal)
+    acc = ", ".join(f"{a:.2f}" for a in cal["acceptance"]["chain"])
+    print(f"top-1 acceptance of heads 2..{model.n_future} (given earlier accepted): {acc}")
+    for B, c in cal["by_batch_size"].items():
+        cost = cal["forward_cost"][B]
+        chain = ", ".join(f"k={k}: {v:.2f}x" for k, v in c["expected_speedup"]["chain"].items())
+        best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(c["tree"]).paths)), 0.0)
+        print(f"batch {B}: plain forward {cost['plain_ms']:.2f} ms; expected speedup chain "
+              f"{chain}; tree of {len(c['tree'])} nodes: {best_tree:.2f}x -> {c['best_mode']}")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,322 @@
+"""The decode forward: the model's layers, laid out for small decode steps.
+
+Every decoding mode runs the same two-phase forward over T input tokens per sequence:
+
+1. `Engine.forward(idx, pos, ctx)`: the trunk and head 1 (code index 0) over all T tokens ->
+   h0 [B, T, D], which verifies drafts (or picks the next token). The draft heads 2..P also
+   write their keys/values at all T positions: a later step attends to the positions accepted
+   now.
+2. `Engine.draft_hidden(fwd, sel)`: the draft heads' outputs at ONE position per sequence
+   (`sel`, the last accepted input position) -> [P-1, B, D]. Plain decoding never calls it.
+
+(P = `n_predict`, the prediction heads an engine computes; attention heads are `n_attn_heads`.)
+
+Why not just `model.hidden`: a decode step multiplies a few rows by every weight matrix, so its
+cost is streaming the weights and per-op overhead, not FLOPs. So:
+- the weights are copied into the layout the small matmuls run fastest in ([in, out], q/k/v and
+  gate/up concatenated: 4 matmuls per layer instead of 7; see `_Mat`);
+- the paper's parallel transformer heads run as ONE stacked layer (`torch.bmm` over a head
+  axis), and because head i's keys/values depend only on the trunk output, the draft heads'
+  attention output and FFN run at one position only (phase 2), not at all T.
+Plain decoding runs the very same code with P=1, so the baseline is exactly as optimised as the
+speculative modes. Chained (causal, anticausal) and linear heads use the model's own head
+modules on top of the same trunk.
+
+Weights: an Engine uses the transformer layers' weights as they are when it is built, however
+they were changed before (`p.data.copy_`, `load_state_dict`, an optimizer step, `.to()`), and
+reads the embeddings, the shared norm and the unembedding from the model; `generate()` builds
+one per call. Laying the layers out costs several times more than reading them (the [in, out]
+copies are transposes), so the layouts are kept per model together with a copy of the layer
+weights they were built from, and reused only while every layer weight is bit for bit equal to
+that copy (`_layouts`). Nothing cheaper than reading the weights sees every change:
+`p.data.copy_` (how EMA and weight averaging write) changes neither a tensor's storage nor its
+version counter. An Engine keeps the layouts it was built with, so it must not outlive a change
+of the weights. Memory: the layouts take about twice the layer weights (draft heads keep two
+layouts), the copy once more.
+
+Numerics are the model's (fp32 RMSNorm statistics, the same rotary tables); results differ from
+`model.hidden` only by matmul rounding.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from multitoken.model import DecodeContext, KVCache, MultiTokenModel, apply_rope, causal_context
+
+
+@dataclass
+class Forward:
+    """What phase 1 leaves for phase 2."""
+
+    h0: Tensor  # [B, T, D] head 1's output (before the shared norm)
+    ctx: DecodeContext
+    z: Tensor | None = None  # [B, T, D] trunk output (stacked heads)
+    draft_q: Tensor | None = None  # [P-1, B, T, n_attn_heads, hd] draft heads' rotated queries
+    draft_h: Tensor | None = None  # [P-1, B, T, D] draft heads' outputs (other head types)
+
+
+def _stack(layers: list[list[Tensor]], dtype: torch.dtype) -> Tensor:
+    """Copy H layers' weights, each the parts [out_i, in] concatenated along `out`, into one
+    contiguous [H, out, in] tensor of `dtype`."""
+    first = layers[0][0]
+    out = torch.empty((len(layers), sum(w.shape[0] for w in layers[0]), first.shape[1]),
+                      dtype=dtype, device=first.device)
+    for h, parts in enumerate(layers):
+        start = 0
+        for w in parts:
+            out[h, start:start + w.shape[0]].copy_(w.detach())
+            start += w.shape[0]
+    return out
+
+
+class _Mat:
+    """One projection of a stack of H layers, stored in the layouts its products run fastest in.
+
+    Two layouts: `io` = W as [H, in, out], for torch.mm (H = 1) and torch.bmm over several
+    rows; `oi` = W as [H, out, in], for bmm(W, x^T) with ONE row, kept only where the caller
+    asks for it (one_row="oi": the FFN down-projection, whose output is narrower than its input,
+    and the stacked draft heads' phase-2 projections). Which layout wins for which shape is a
+    property of the BLAS library; docs/decoding.md has the measurements behind this choice.
+    With one_row="oi", `io` is derived from `oi` when first needed (a stacked draft head at
+    batch 1 never needs it), so the copy is taken at construction either way.
+    `layers` holds, per layer, the parts [out_i, in] concatenated along `out` (q/k/v, gate/up).
+    """
+
+    def __init__(self, layers: list[list[Tensor]], dtype: torch.dtype, one_row: str) -> None:
+        w = _stack(layers, dtype)  # [H, out, in]
+        self.H, self.dtype = len(layers), dtype
+        self.oi = w if one_row == "oi" else None
+        self._io = None if one_row == "oi" else w.transpose(1, 2).contiguous()
+
+    @property
+    def io(self) -> Tensor:
+        if self._io is None:
+            assert self.oi is not None
+            self._io = self.oi.transpose(1, 2).contiguous()
+        return self._io
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x [H or 1, M, in] -> [H, M, out] in x's dtype."""
+        H, (_, M, K) = self.H, x.shape
+        xd = x if x.dtype == self.dtype else x.to(self.dtype)
+        if M == 1 and self.oi is not None:
+            # a column view with leading dimension K: MKL takes a slow path for strides (K, 1, 1)
+            y = torch.bmm(self.oi, xd.expand(H, 1, K).transpose(1, 2)).reshape(H, 1, -1)
+        elif H == 1:
+            y = torch.mm(xd[0], self.io[0])[None]
+        else:
+            y = torch.bmm(xd.expand(H, M, K), self.io)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class _Weights:
+    """Transformer layers' weights stacked on a leading axis (one layer per entry)."""
+
+    def __init__(self, blocks: list[nn.Module], dtype: torch.dtype) -> None:
+        # See _Mat. Stacked draft heads see one row per sequence in phase 2 (o, w13, w2); their
+        # q/k/v run over all the step's positions.
+        one = "oi" if len(blocks) > 1 else "io"
+        self.g_attn = torch.stack([b.attention_norm.weight.detach() for b in blocks])[:, None, :]
+        self.g_ffn = torch.stack([b.ffn_norm.weight.detach() for b in blocks])[:, None, :]
+        att = [b.attention for b in blocks]
+        ffn = [b.feed_forward for b in blocks]
+        # q/k/v and gate/up concatenated: 4 matmuls per layer instead of 7
+        self.qkv = _Mat([[a.wq.weight, a.wk.weight, a.wv.weight] for a in att], dtype, "io")
+        self.o = _Mat([[a.wo.weight] for a in att], dtype, one)
+        self.w13 = _Mat([[f.w1.weight, f.w3.weight] for f in ffn], dtype, one)
+        self.w2 = _Mat([[f.w2.weight] for f in ffn], dtype, "oi")
+
+
+class Layers:
+    """Copies of the model's transformer layers in the engine's layout: every trunk layer, head
+    1's layer (transformer heads) and draft heads 2..n_predict stacked (parallel transformer
+    heads), plus the arithmetic that runs them."""
+
+    def __init__(self, model: MultiTokenModel, n_predict: int, draft_dtype: torch.dtype) -> None:
+        cfg = model.cfg
+        dtype = model.tok_embeddings.weight.dtype
+        self.eps, self.hd = cfg.norm_eps, cfg.head_dim
+        self.n_attn_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
+        stacked = cfg.head_type == "transformer"
+        self.trunk = [_Weights([b], dtype) for b in model.layers]
+        self.head0 = _Weights([model.heads[0]], dtype) if stacked else None
+        self.draft_weights = (_Weights(list(model.heads[1:n_predict]), draft_dtype)
+                              if stacked and n_predict > 1 else None)
+
+    def norm(self, x: Tensor, g: Tensor) -> Tensor:
+        # Same arithmetic as model.RMSNorm (fp32 statistics), with per-layer gains.
+        return (F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * g.float()).type_as(x)
+
+    def qkv(self, x: Tensor, w: _Weights, cos: Tensor, sin: Tensor, ctx: DecodeContext,
+            layer: int, B: int) -> Tensor:
+        """Project x [1, B*T, D], rotate, store k/v of layers layer.. in the cache; return q
+        [H, B, T, n_attn_heads, hd]."""
+        H, BT = w.g_attn.shape[0], x.shape[1]
+        T = BT // B
+        nh, nkv, hd = self.n_attn_heads, self.n_kv_heads, self.hd
+        q, k, v = w.qkv(self.norm(x, w.g_attn)).split([nh * hd, nkv * hd, nkv * hd], -1)
+        q = apply_rope(q.reshape(H, BT, nh, hd), cos, sin).view(H, B, T, nh, hd)
+        k = apply_rope(k.reshape(H, BT, nkv, hd), cos, sin).view(H, B, T, nkv, hd)
+        cache: KVCache = ctx.cache
+        rows = cache._rows[:B]
+        cache.k[layer:layer + H, rows, ctx.slots] = k.to(cache.k.dtype)
+        cache.v[layer:layer + H, rows, ctx.slots] = v.view(H, B, T, nkv, hd).to(cache.v.dtype)
+        return q
+
+    def attend_ffn(self, q: Tensor, x: Tensor, ctx: DecodeContext, w: _Weights, layer: int,
+                   mask: Tensor) -> Tensor:
+        """Attention of q [H, B, T, n_attn_heads, hd] over cache layers layer..layer+H-1, then
+        output projection and FFN on the residual x [1 or H, B*T, D] -> [H, B*T, D]."""
+        H, B, T = q.shape[:3]
+        S = ctx.kv_len
+        # [H, B, S, n_kv_heads, hd] -> [H*B, n_kv_heads, S, hd]: views, no copy
+        kc = ctx.cache.k[layer:layer + H, :, :S].flatten(0, 1).transpose(1, 2)
+        vc = ctx.cache.v[layer:layer + H, :, :S].flatten(0, 1).transpose(1, 2)
+        if H > 1:
+            mask = mask.expand(H, *mask.shape).flatten(0, 1)
+        y = F.scaled_dot_product_attention(
+            q.flatten(0, 1).transpose(1, 2), kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask,
+            enable_gqa=self.n_attn_heads != self.n_kv_heads)  # [H*B, n_attn_heads, T, hd]
+        y = y.view(H, B, self.n_attn_heads, T, self.hd).permute(0, 1, 3, 2, 4).reshape(H, B * T, -1)
+        x = x + w.o(y)
+        gate, up = w.w13(self.norm(x, w.g_ffn)).chunk(2, dim=-1)
+        return x + w.w2(F.silu(gate) * up)
+
+    def layer(self, x: Tensor, w: _Weights, cos: Tensor, sin: Tensor, ctx: DecodeContext,
+              layer: int, B: int) -> Tensor:
+        """One full layer (H=1): x [1, B*T, D] -> [1, B*T, D]."""
+        q = self.qkv(x, w, cos, sin, ctx, layer, B)
+        return self.attend_ffn(q, x, ctx, w, layer, ctx.mask)
+
+
+def _bits(x: Tensor) -> Tensor:
+    """x's bits as integers (so that equality is bitwise: -0.0 != 0.0, NaN == NaN)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return x.view(ints[x.element_size()]) if x.element_size() in ints else x
+
+
+def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+        and torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
+
+
+@dataclass
+class _Cache:
+    source: list[Tensor]  # copies of the layer weights the layouts below were built from
+    layers: dict[tuple[int, torch.dtype], Layers] = field(default_factory=dict)
+
+
+_CACHES: weakref.WeakKeyDictionary[MultiTokenModel, _Cache] = weakref.WeakKeyDictionary()
+
+
+def _layouts(model: MultiTokenModel, n_predict: int, draft_dtype: torch.dtype) -> Layers:
+    """The layers of `model` in the engine's layout, built from its current weights: reused
+    from an earlier call only if every layer weight is bit for bit what they were built from."""
+    weights = [p.detach() for m in (model.layers, model.heads) for p in m.parameters()]
+    cache = _CACHES.get(model)
+    if cache is None or not _same(weights, cache.source):
+        cache = _CACHES[model] = _Cache([w.clone() for w in weights])
+    key = (n_predict, draft_dtype)
+    if key not in cache.layers:
+        cache.layers[key] = Layers(model, n_predict, draft_dtype)
+    return cache.layers[key]
+
+
+class Engine:
+    """Cached forwards of `model` computing prediction heads 0..n_predict-1 (code indices), with
+    the layers' weights as they are now (see the module docstring).
+
+    draft_dtype: dtype of the draft heads' matmuls (parallel transformer heads only; default:
+    the model's). A draft is only a proposal that head 1 verifies, so it can never change the
+    output.
+    """
+
+    def __init__(self, model: MultiTokenModel, n_predict: int,
+                 draft_dtype: torch.dtype | None = None) -> None:
+        if not 1 <= n_predict <= model.n_future:
+            raise ValueError(f"n_predict must be in 1..{model.n_future}, got {n_predict}")
+        self.model = model
+        self.cfg = model.cfg
+        self.n_predict = n_predict
+        p = model.tok_embeddings.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.draft_dtype = draft_dtype or p.dtype
+        with torch.no_grad():
+            self.layers = _layouts(model, n_predict, self.draft_dtype)
+            self.draft_unembed = model.output.weight.detach().to(self.draft_dtype)
+        self.stacked = model.cfg.head_type == "transformer"
+        self.n_trunk = len(model.layers)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return self.model.new_cache(batch_size, max_len)
+
+    def forward(self, idx: Tensor, pos: Tensor, ctx: DecodeContext) -> Forward:
+        """Phase 1 over idx [B, T] at rotary positions pos [B, T] (see module docstring)."""
+        # Speculative tokens past the model's context get garbage positions: they can never be
+        # accepted (generate() refuses outputs past the context), so clamp instead of failing.
+        if ctx.kv_len > self.cfg.max_seq_len:
+            pos = pos.clamp(max=self.cfg.max_seq_len - 1)
+        B, T = idx.shape
+        cos, sin = self.model.rope(T, pos)  # [B, T, hd/2]
+        c, s = cos.reshape(1, B * T, -1), sin.reshape(1, B * T, -1)
+        L = self.layers
+        x = self.model.tok_embeddings(idx).reshape(1, B * T, -1)
+        for i, w in enumerate(L.trunk):
+            x = L.layer(x, w, c, s, ctx, i, B)
+        if not self.stacked:
+            return self._other_heads(x.view(B, T, -1), cos, sin, ctx)
+        n = self.n_trunk
+        draft_q = None
+        if L.draft_weights is not None:  # draft heads: keys/values at every position, queries kept
+            draft_q = L.qkv(x, L.draft_weights, c, s, ctx, n + 1, B)
+        h0 = L.layer(x, L.head0, c, s, ctx, n, B)
+        return Forward(h0=h0.view(B, T, -1), ctx=ctx, z=x.view(B, T, -1), draft_q=draft_q)
+
+    def _other_heads(self, z: Tensor, cos: Tensor, sin: Tensor, ctx: DecodeContext) -> Forward:
+        """Linear and chained heads: the model's own head modules, parents first."""
+        out = self.model.run_heads(z, range(self.n_predict), cos, sin, ctx)
+        draft_h = (torch.stack([out[i] for i in range(1, self.n_predict)])
+                   if self.n_predict > 1 else None)
+        return Forward(h0=out[0], ctx=ctx, draft_h=draft_h)
+
+    def draft_hidden(self, fwd: Forward, sel: Tensor) -> Tensor:
+        """Phase 2: the draft heads' hidden states at input position sel [B] -> [P-1, B, D]."""
+        rows = torch.arange(sel.shape[0], device=sel.device)
+        if not self.stacked:
+            assert fwd.draft_h is not None
+            return fwd.draft_h[:, rows, sel]
+        assert fwd.z is not None and fwd.draft_q is not None
+        B, _, D = fwd.z.shape
+        q = fwd.draft_q[:, rows, sel].unsqueeze(2)  # [P-1, B, 1, n_attn_heads, hd]
+        mask = fwd.ctx.mask[rows, :, sel].unsqueeze(2)  # [B, 1, 1, S]: that position's row
+        x = fwd.z[rows, sel].reshape(1, B, D)
+        w = self.layers.draft_weights
+        assert w is not None
+        return self.layers.attend_ffn(q, x, fwd.ctx, w, self.n_trunk + 1, mask)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Shared norm + unembedding, in fp32 so sampling and argmax see full precision."""
+        return self.model.unembed(h).float()
+
+    def draft_logits(self, h: Tensor) -> Tensor:
+        """Logits of the draft heads' states h [P-1, B, D] (unembedding in the draft dtype)."""
+        w = self.draft_unembed
+        return F.linear(self.model.norm(h).to(w.dtype), w).float()
+
+
+def prefill(engine: Engine, cache: KVCache, idx: Tensor) -> Forward:
+    """Run right-padded prompts idx [B, T] through the engine, filling cache slots 0..T-1.
+
+    Padding writes garbage past each prompt's end; those slots are rewritten before any query
+    may attend to them (a query at position p sees slots <= p only).
+    """
+    B, T = idx.shape
+    pos = torch.arange(T, device=idx.device).expand(B, T)
+    return engine.forward(idx, pos, causal_context(cache, pos, T))
