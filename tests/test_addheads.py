@@ -63,3 +63,43 @@ def test_cli_plain_decoding_bit_identical(tmp_path, capsys):
     assert main(["add-heads", "--checkpoint", str(tmp_path / "src"), "--n-future", "2",
                  "--out", str(tmp_path / "dst")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_train_heads_only_from_add_heads_keeps_plain_decoding(tmp_path, capsys):
+    """n=1 model -> add-heads -> train heads 2..n only (train.trainable=draft_heads): plain
+    decoding is bit-identical to the n=1 model's, and the draft heads did train. Full
+    fine-tuning with --init changes the trunk. A model flag that contradicts --init fails."""
+    from helpers_corpus import make_corpus, tiny_overrides
+
+    corpus = make_corpus(tmp_path / "corpus")
+    base = [o for o in tiny_overrides(corpus, tmp_path / "cache", steps=4)
+            if not o.startswith(("--model.n_future", "--model.n_layers"))]
+    args = ["--no-progress", "--no-sample"]
+    assert main(["train", "--out", str(tmp_path / "ntp"), *args, *base,
+                 "--model.n_future=1", "--model.n_layers=2"]) == 0
+    assert main(["add-heads", "--checkpoint", str(tmp_path / "ntp"), "--n-future", "3",
+                 "--out", str(tmp_path / "mtp0")]) == 0
+    init_only = [o for o in base if not o.startswith("--model.")]
+    assert main(["train", "--out", str(tmp_path / "heads"), "--init", str(tmp_path / "mtp0"),
+                 *args, *init_only, "--train.trainable=draft_heads"]) == 0
+    ntp, _ = load_checkpoint(tmp_path / "ntp")
+    mtp0, _ = load_checkpoint(tmp_path / "mtp0")
+    heads, _ = load_checkpoint(tmp_path / "heads")
+    assert heads.cfg.n_future == 3
+    frozen = {k: v for k, v in heads.state_dict().items() if not k.startswith(("heads.1", "heads.2"))}
+    for k, v in frozen.items():
+        assert torch.equal(v, mtp0.state_dict()[k]), k
+    assert not torch.equal(heads.heads[1].attention.wq.weight, mtp0.heads[1].attention.wq.weight)
+    prompt = [[100, 101, 102, 32], [114, 101]]
+    assert generate(ntp, prompt, 20).tokens == generate(heads, prompt, 20).tokens == \
+        generate(heads, prompt, 20, speculative="chain").tokens
+    # full n -> n' fine-tuning from the same start changes the trunk
+    assert main(["train", "--out", str(tmp_path / "full"), "--init", str(tmp_path / "mtp0"),
+                 *args, *init_only]) == 0
+    full, _ = load_checkpoint(tmp_path / "full")
+    assert not torch.equal(full.layers[0].attention.wq.weight, mtp0.layers[0].attention.wq.weight)
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "mtp0"),
+                 *args, *init_only, "--model.dim=64"]) == 2
+    assert "train.init: model.dim=64 differs" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -179,6 +179,12 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None = torch default)
     sample_prompt: str = "def "
     sample_tokens: int = 64
+    # Start from this checkpoint's weights (e.g. one made by `multitoken add-heads`); the model
+    # config and the tokenizer are the checkpoint's. None = random initialisation.
+    init: str | None = None
+    # "draft_heads": train heads 2..n only; the embeddings, trunk, head 1, norm and unembedding
+    # stay frozen, so plain decoding (head 1) is exactly the initial model's.
+    trainable: Literal["all", "draft_heads"] = "all"
 
 
 @dataclass
@@ -212,6 +218,9 @@ class RunConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if t.trainable == "draft_heads" and self.model.n_future < 2:
+            raise ConfigError("train.trainable=draft_heads needs model.n_future >= 2 (heads 2..n "
+                              "are the draft heads)")
         self.loss.head_weights(self.model.n_future)
 
 
@@ -429,7 +438,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
 # fixes the order of the training batches. Everything else (steps, schedule, logging,
 # evaluation, device, threads) may be changed when resuming, e.g. to train for longer.
 RESUME_FIXED = ("model.", "data.", "loss.weights", "train.seq_len", "train.batch_size",
-                "train.grad_accum", "train.seed")
+                "train.grad_accum", "train.seed", "train.init", "train.trainable")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

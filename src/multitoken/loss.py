@@ -202,7 +202,10 @@ def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], count
     with ctx():
         cos, sin = model.rope(T, None)
         z = model.trunk(idx, cos, sin)
-    z_leaf = z.detach().requires_grad_(True)  # gradients of all heads accumulate here
+    # Gradients of all heads accumulate at z_leaf. Frozen parameters (heads-only training,
+    # train.trainable=draft_heads) leave parts of the graph without gradients: each backward
+    # below runs only where something upstream of it trains.
+    z_leaf = z.detach().requires_grad_(z.requires_grad)
     means: list[Tensor] = [torch.zeros(())] * n
     correct: list[Tensor] = [torch.zeros((), dtype=torch.long)] * n
 
@@ -218,9 +221,12 @@ def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], count
         for i in range(n):
             with ctx():
                 h = model.head(i, z_leaf, cos, sin)
-            h_leaf = h.detach().requires_grad_(True)
-            head_loss(i, h_leaf).backward()  # frees this head's logits and their gradient
-            h.backward(h_leaf.grad)  # through the head layer into z_leaf.grad
+            h_leaf = h.detach().requires_grad_(h.requires_grad)
+            loss = head_loss(i, h_leaf)
+            if loss.requires_grad:
+                loss.backward()  # frees this head's logits and their gradient
+            if h.requires_grad:
+                h.backward(h_leaf.grad)  # through the head layer into z_leaf.grad
     else:
         order = model.head_order()
         outs: dict[int, Tensor] = {}
@@ -230,11 +236,15 @@ def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], count
             inp = z_leaf if parent is None else leaves[parent]
             with ctx():
                 outs[i] = model.head(i, inp, cos, sin)
-            leaves[i] = outs[i].detach().requires_grad_(True)
+            leaves[i] = outs[i].detach().requires_grad_(outs[i].requires_grad)
         for i in reversed(order):  # children before parents
-            head_loss(i, leaves[i]).backward()  # adds to leaves[i].grad (children already did)
-            outs[i].backward(leaves[i].grad)
-    z.backward(z_leaf.grad)  # one backward through the trunk
+            loss = head_loss(i, leaves[i])
+            if loss.requires_grad:
+                loss.backward()  # adds to leaves[i].grad (children already did)
+            if outs[i].requires_grad and leaves[i].grad is not None:
+                outs[i].backward(leaves[i].grad)
+    if z.requires_grad and z_leaf.grad is not None:
+        z.backward(z_leaf.grad)  # one backward through the trunk
     return _output(means, correct, counts)
 
 

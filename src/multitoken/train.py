@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from multitoken import checkpoint as ckpt_io
-from multitoken.config import RunConfig, to_dict
+from multitoken.config import ModelConfig, RunConfig, to_dict
 from multitoken.data import BatchSampler, DataBundle, prepare_data, val_batches
 from multitoken.devices import resolve_device
 from multitoken.distributed import DistGroup, join
@@ -121,6 +121,7 @@ class _Inputs:
     data: DataBundle
     ckpt: Path | None = None  # the checkpoint to resume from
     state: dict[str, Any] | None = None  # its training state
+    init: Path | None = None  # train.init: the checkpoint whose weights start a new run
 
 
 def _read_inputs(cfg: RunConfig, run: Path, resume: bool, group: DistGroup) -> _Inputs:
@@ -131,6 +132,12 @@ def _read_inputs(cfg: RunConfig, run: Path, resume: bool, group: DistGroup) -> _
     ckpt_dir = run / "checkpoint"
     ckpt, state, tokenizer = None, None, None
     # ---- resume: the checkpoint's tokenizer and state win; the model shape must match ----------
+    init = None
+    if t.init and not resume:  # resuming such a run loads its own checkpoint instead
+        init = ckpt_io.find_checkpoint(t.init)
+        tokenizer = load_tokenizer(init / ckpt_io.TOKENIZER)
+        cfg.model = _init_model_config(cfg.model, ckpt_io.model_config_from(
+            ckpt_io.read_config(init), init), t.init)
     if resume:
         try:
             ckpt = ckpt_io.find_checkpoint(ckpt_dir)
@@ -151,11 +158,36 @@ def _read_inputs(cfg: RunConfig, run: Path, resume: bool, group: DistGroup) -> _
         if dataclasses.asdict(saved) != dataclasses.asdict(cfg.model):
             raise CheckpointError(f"--resume: the model config differs from the checkpoint's in {ckpt_dir}")
     check_supported(group.strategy, cfg.model)
+    if group.strategy == "fsdp" and t.trainable != "all":
+        raise ConfigError("train.trainable=draft_heads is not supported with parallel.strategy="
+                          "fsdp (use ddp: the frozen trunk needs no sharding)")
     micro = t.batch_size // t.grad_accum  # global rows per micro-step
     if micro % group.world_size != 0:
         raise ConfigError(f"train.batch_size / train.grad_accum ({micro}) must be divisible by the "
                           f"number of processes ({group.world_size})")
-    return _Inputs(device, data, ckpt, state)
+    return _Inputs(device, data, ckpt, state, init)
+
+
+def _init_model_config(asked: ModelConfig, saved: ModelConfig, where: str) -> ModelConfig:
+    """train.init: the model is the checkpoint's. A model field the recipe or the command line
+    set (a value other than the default) must agree with it; anything else is an error naming
+    the field, not a silent change of the model."""
+    default = ModelConfig()
+    for f in dataclasses.fields(ModelConfig):
+        mine, theirs = getattr(asked, f.name), getattr(saved, f.name)
+        if f.name != "vocab_size" and mine != getattr(default, f.name) and mine != theirs:
+            raise ConfigError(f"train.init: model.{f.name}={mine!r} differs from the "
+                              f"checkpoint's {theirs!r} in {where}")
+    return saved
+
+
+def _freeze(model: MultiTokenModel, trainable: str) -> None:
+    """train.trainable=draft_heads: only heads 2..n keep requires_grad (see TrainConfig)."""
+    if trainable == "draft_heads":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for head in model.heads[1:]:
+            head.requires_grad_(True)
 
 
 def _open_run_folder(cfg: RunConfig, run: Path, inputs: _Inputs, model: MultiTokenModel,
@@ -193,6 +225,9 @@ def _train(cfg: RunConfig, run: Path, resume: bool, progress: bool,
     autocast = autocast_factory(device, t.dtype)
     with torch.device(device):
         model = MultiTokenModel(cfg.model)
+    if inputs.init is not None:
+        ckpt_io.load_weights(inputs.init / ckpt_io.WEIGHTS, model)
+    _freeze(model, t.trainable)
     parallel = make_parallel(model, group, dtype=t.dtype)
     if t.compile:
         for block in [*model.layers, *model.heads]:
