@@ -1,7 +1,8 @@
 """Interop against reference implementations: Hugging Face's own Llama, and Meta's rotary
 convention (complex multiplication of interleaved pairs) reimplemented here from its
 definition. Loading Meta's whole release is checked against a re-statement of Meta's model in
-tests/test_meta.py."""
+tests/test_meta.py; the other Hugging Face families and their options in
+tests/test_hf_families.py."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from multitoken.checkpoint import save_checkpoint
 from multitoken.decoding.generate import generate
 from multitoken.errors import CheckpointError
 from multitoken.interop import (
-    export_hf_llama,
+    export_hf,
     export_hf_tokenizer,
     interleaved_to_halves,
-    load_hf_llama,
+    load_hf,
     load_meta,
     main,
 )
@@ -46,7 +47,7 @@ def _hf_model(tie: bool = False):
 def test_load_hf_llama_matches_transformers(tmp_path, tie):
     hf = _hf_model(tie)
     hf.save_pretrained(tmp_path)
-    ours = load_hf_llama(tmp_path)
+    ours = load_hf(tmp_path)
     assert ours.n_future == 1 and ours.cfg.tie_embeddings == tie
     idx = torch.randint(0, 50, (2, 17))
     with torch.no_grad():
@@ -57,13 +58,13 @@ def test_load_hf_llama_matches_transformers(tmp_path, tie):
 
 def test_export_hf_llama_reproduces_head_1(tmp_path):
     model = tiny_model(vocab_size=37, n_future=3).eval()
-    export_hf_llama(model, tmp_path)
+    export_hf(model, tmp_path)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 37, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx, heads=[0])[0], atol=1e-4,
                                    rtol=1e-4)
-        back = load_hf_llama(tmp_path)  # and back: head 1 only
+        back = load_hf(tmp_path)  # and back: head 1 only
         torch.testing.assert_close(back(idx)[0], model(idx, heads=[0])[0], atol=1e-5, rtol=1e-5)
 
 
@@ -110,13 +111,19 @@ def test_interop_errors(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(CheckpointError, match="not 'llama'"):
-        load_hf_llama(hf)
+    with pytest.raises(CheckpointError, match="model_type 'gpt2' .* is not supported"):
+        load_hf(hf)
     (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="safetensors"):
-        load_hf_llama(hf)
+    with pytest.raises(CheckpointError, match="cannot build a model config"):
+        load_hf(hf)
+    _hf_model().config.save_pretrained(hf)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_hf(hf)
+    (hf / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_hf(hf)
     with pytest.raises(CheckpointError, match="anticausal"):
-        export_hf_llama(tiny_model(head_type="anticausal"), tmp_path / "x")
+        export_hf(tiny_model(head_type="anticausal"), tmp_path / "x")
 
 
 def test_cli_convert_hf_in_and_out(tmp_path, capsys):
@@ -270,7 +277,7 @@ def test_convert_to_hf_generates_like_multitoken(tmp_path: Path, kind: str,
 
 
 def test_export_without_tokenizer_has_null_special_ids(tmp_path: Path) -> None:
-    export_hf_llama(tiny_model(vocab_size=37, n_future=1), tmp_path)
+    export_hf(tiny_model(vocab_size=37, n_future=1), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == \
         (None, None, None)
@@ -282,5 +289,5 @@ def test_export_without_tokenizer_has_null_special_ids(tmp_path: Path) -> None:
 
 def test_export_refuses_a_tokenizer_of_another_vocabulary(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="260 tokens but the model's vocab_size is 37"):
-        export_hf_llama(tiny_model(vocab_size=37), tmp_path / "x", ByteTokenizer())
+        export_hf(tiny_model(vocab_size=37), tmp_path / "x", ByteTokenizer())
     assert not (tmp_path / "x").exists()

@@ -18,6 +18,7 @@ import yaml
 from multitoken.errors import ConfigError
 
 HeadType = Literal["transformer", "linear", "causal", "anticausal"]
+RopeScaling = Literal["none", "llama3"]
 LossMethod = Literal["naive", "sequential", "chunked"]
 
 
@@ -30,6 +31,10 @@ class ModelConfig:
     `n_layers - n_future` layers and each of the n_future heads is one layer (Meta's 7B n=4
     model: 32 = 28 trunk + 4 heads). With `linear` heads the trunk keeps all `n_layers` layers
     and each head is a d x d linear map. `n_future=1` with transformer heads is a plain Llama.
+
+    The last group of fields are options of pretrained Hugging Face families (docs/weights.md):
+    their defaults are the original Llama layout, which every checkpoint written before they
+    existed has.
     """
 
     vocab_size: int = 260
@@ -46,6 +51,19 @@ class ModelConfig:
     head_type: HeadType = "transformer"
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Width of one attention head; None = dim // n_heads. Qwen3 sets it so that
+    # n_heads * head_dim != dim (e.g. Qwen3-0.6B: dim 1024, 16 heads of 128).
+    head_dim_override: int | None = None
+    qkv_bias: bool = False  # biases on the q, k and v projections, none on o (Qwen2/2.5)
+    qk_norm: bool = False  # RMSNorm over each head's q and k, before rotary (Qwen3)
+    # Rotary frequencies: "none" = theta^(-2j/hd); "llama3" = Llama 3.1's rescaling of them
+    # (wavelengths above original_max_len / low_freq_factor divided by factor, below
+    # original_max_len / high_freq_factor kept, interpolated in between).
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +74,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        if self.head_dim_override is not None:
+            return self.head_dim_override
         return self.dim // self.n_heads
 
     @property
@@ -84,10 +104,13 @@ class ModelConfig:
             bad(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.dim < 1 or self.n_heads < 1:
             bad("dim and n_heads must be positive")
-        if self.dim % self.n_heads != 0:
-            bad(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim_override is None and self.dim % self.n_heads != 0:
+            bad(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), or "
+                "head_dim_override set")
+        if self.head_dim_override is not None and self.head_dim_override < 2:
+            bad(f"head_dim_override must be >= 2, got {self.head_dim_override}")
         if self.head_dim % 2 != 0:
-            bad(f"dim / n_heads ({self.head_dim}) must be even for rotary embeddings")
+            bad(f"the head dimension ({self.head_dim}) must be even for rotary embeddings")
         if self.n_heads % self.kv_heads != 0:
             bad(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
         if self.head_type not in typing.get_args(HeadType):
@@ -101,6 +124,20 @@ class ModelConfig:
             bad(f"n_layers must be >= 1, got {self.n_layers}")
         if self.max_seq_len < 2:
             bad(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.rope_scaling not in typing.get_args(RopeScaling):
+            bad(f"rope_scaling must be one of {typing.get_args(RopeScaling)}, got "
+                f"{self.rope_scaling!r}")
+        if not self.rope_theta > 0:
+            bad(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.rope_scaling == "llama3":
+            if not self.rope_factor >= 1:
+                bad(f"rope_factor must be >= 1, got {self.rope_factor}")
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                bad("llama3 rope scaling needs 0 < rope_low_freq_factor < "
+                    f"rope_high_freq_factor, got {self.rope_low_freq_factor} and "
+                    f"{self.rope_high_freq_factor}")
+            if self.rope_original_max_len < 1:
+                bad(f"rope_original_max_len must be >= 1, got {self.rope_original_max_len}")
 
 
 @dataclass
@@ -226,7 +263,9 @@ class RunConfig:
 
 @dataclass
 class DistillConfig:
-    """`multitoken distill`: fine-tune the draft heads on the model's own greedy output.
+    """`multitoken distill`: fine-tune the draft heads on the model's own output, greedy
+    (temperature 0, the default) or sampled at the temperature / top-k / top-p it will decode
+    with.
 
     The trunk, head 1, the shared norm and the unembedding stay frozen, so plain decoding
     (and every speculative output, which equals it) is unchanged bit for bit; only how often
@@ -248,10 +287,28 @@ class DistillConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     target: Literal["soft", "hard"] = "soft"  # head 1's distribution, or its argmax token
-    seed: int = 0
+    # How the continuations are decoded, and which processed distribution of head 1 the soft
+    # targets are: 0 = greedy (targets: head 1's softmax); > 0 = sampled at this temperature,
+    # top-k and top-p (targets: head 1's processed distribution p, which speculative sampling
+    # verifies drafts against). The held-out measurements use the same settings.
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0  # data order, and the sampled continuations
     threads: int | None = None
 
     def validate(self) -> None:
+        if not 0.0 <= self.temperature < float("inf"):  # also refuses nan
+            raise ConfigError(f"distill.temperature must be a finite number >= 0, got "
+                              f"{self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"distill.top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"distill.top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature == 0.0 and (self.top_k is not None or self.top_p is not None):
+            # Greedy decoding ignores them; silently distilling for greedy would mislead.
+            raise ConfigError("distill.top_k / distill.top_p apply only when sampling: set "
+                              "distill.temperature > 0")
         for name in ("sequences", "prompt_len", "new_tokens", "gen_batch", "eval_sequences",
                      "steps", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -1,15 +1,26 @@
-"""Interop: Meta's MTP release and Hugging Face Llama, by renaming weights (docs/weights.md).
+"""Interop: Meta's MTP release and Hugging Face models, by renaming weights (docs/weights.md).
 
     load_meta(dir)            params.json + consolidated.00.pth -> MultiTokenModel (all heads)
-    load_hf_llama(dir)        a Hugging Face Llama directory (safetensors) -> n_future=1 model
-    export_hf_llama(model, dir, tokenizer)  trunk + head 1 -> a LlamaForCausalLM directory
-                              (safetensors, config.json, generation_config.json, tokenizer files)
+    hf_config(dir)            a Hugging Face config.json -> ModelConfig, or a one-line refusal
+    load_hf(dir)              a Hugging Face Llama, Mistral, Qwen2 or Qwen3 directory
+                              (safetensors) -> n_future=1 model, or every head when the
+                              directory has mtp_heads.json + mtp_heads.safetensors
+    export_hf(model, dir, tokenizer)  trunk + head 1 -> a directory of the Hugging Face family
+                              whose layers are the model's (Llama, Qwen2 or Qwen3: `hf_family`),
+                              heads 2..n beside it in mtp_heads.*; safetensors, config.json,
+                              generation_config.json, tokenizer files
 
 No modelling code is copied or forked: the model is ours, the formats are theirs. Meta's
 `.pth` is read with `torch.load(weights_only=True)` (no arbitrary unpickling). Meta's rotary
 embedding rotates interleaved pairs (2j, 2j+1); ours (and Hugging Face's) rotates halves
 (j, j + hd/2), so Meta's wq/wk rows are permuted on load exactly as Hugging Face's own Llama
-conversion script does. Hugging Face Llama needs no permutation.
+conversion script does. Hugging Face models need no permutation.
+
+What is read from Hugging Face is what loads exactly: the families in HF_FAMILIES, rotary
+`default` or `llama3`; anything else (another family, another rope type, biases or
+activations the family does not have, quantized weights) is refused with one line naming the
+supported ones, never loaded approximately. A sliding window is not modelled: such a model is
+loaded with a context of at most its window, where it changes nothing (`_hf_context`).
 
 An export loads with `AutoTokenizer` + `AutoModelForCausalLM` and decodes with `generate` as
 multitoken does: the tokenizer gives multitoken's ids for every text (bytes included, as a
@@ -21,15 +32,26 @@ byte-level `tokenizer.json`), and eos/bos/pad ids are in `config.json` and
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from multitoken import cliargs
+from multitoken.checkpoint import (
+    check_tokenizer,
+    load_checkpoint,
+    load_state_dict_checked,
+    new_output_dir,
+    save_checkpoint,
+)
 from multitoken.config import ModelConfig
-from multitoken.errors import CheckpointError
+from multitoken.errors import CheckpointError, MultitokenError
 from multitoken.model import MultiTokenModel
 from multitoken.tokenizer import SPM_FILE, Tokenizer, load_tokenizer
 
@@ -64,8 +86,6 @@ def interleaved_to_halves(w: Tensor, n_heads: int) -> Tensor:
 
 def _finish(cfg: ModelConfig, sd: dict[str, Tensor], where: Path,
             dtype: torch.dtype | None) -> MultiTokenModel:
-    from multitoken.checkpoint import load_state_dict_checked
-
     model = MultiTokenModel(cfg)
     load_state_dict_checked(model, sd, where)
     if dtype is not None:
@@ -180,41 +200,219 @@ def meta_tokenizer_path(directory: str | Path) -> Path:
                           "--tokenizer")
 
 
-def _hf_rope_theta(c: dict[str, Any]) -> float:
-    if "rope_theta" in c:
-        return float(c["rope_theta"])
-    rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rp.get("rope_type", "default") != "default":
-        raise CheckpointError(f"rope scaling {rp.get('rope_type')!r} is not supported")
-    return float(rp.get("rope_theta", 1e4))
+# -- Hugging Face: families, config.json -> ModelConfig ---------------------------------------
+
+# model_type -> the one architecture of that family that is read and written. What each adds to
+# Llama's layer: Mistral nothing (its sliding window: see _hf_context), Qwen2 q/k/v biases,
+# Qwen3 q/k RMSNorm per head (and head_dim set freely).
+HF_FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_SUPPORTED = ("supported: " + ", ".join(HF_FAMILIES.values())
+              + " (rope_type default or llama3)")
+
+_HF_OPTIONS = {  # ours -> Hugging Face, weights that only some families' layers have
+    "attention.wq.bias": "self_attn.q_proj.bias",  # qkv_bias (Qwen2)
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",  # qk_norm (Qwen3)
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+}
+_HF_LAYER = {**_LAYER, **_HF_OPTIONS}
+
+# Heads 2..n beside an exported Hugging Face model (written by export_hf, read by load_hf).
+MTP_WEIGHTS, MTP_JSON, MTP_FORMAT = "mtp_heads.safetensors", "mtp_heads.json", "multitoken-mtp-heads"
 
 
-def load_hf_llama(directory: str | Path, *, dtype: torch.dtype | None = None) -> MultiTokenModel:
-    """A Hugging Face Llama directory (config.json + *.safetensors) as an n_future=1 model."""
-    from safetensors.torch import load_file
+def _hf_rope(c: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The rotary settings of a config.json as ModelConfig fields. Both layouts are read:
+    transformers 5's `rope_parameters` (theta inside) and the older top-level `rope_theta` with
+    a `rope_scaling` dict (`rope_type` or `type`), the layout of Llama 3.1/3.2's files."""
+    found = [r for r in (c.get("rope_parameters"), c.get("rope_scaling")) if r]
+    for r in found:
+        if not isinstance(r, dict) or any(isinstance(v, dict) for v in r.values()):
+            raise CheckpointError(f"{where}: rope parameters {r!r} are not one flat mapping "
+                                  f"(per-layer rope is not supported); {_SUPPORTED}")
+    kinds = {r.get("rope_type", r.get("type", "default")) for r in found} or {"default"}
+    if len(kinds) > 1:
+        raise CheckpointError(f"{where}: rope_parameters and rope_scaling disagree "
+                              f"({sorted(kinds)})")
+    kind = kinds.pop()
+    params: dict[str, Any] = {k: v for r in found for k, v in r.items()}
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    if float(params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise CheckpointError(f"{where}: partial_rotary_factor != 1 is not supported")
+    out: dict[str, Any] = {"rope_theta": float(theta)}
+    if kind == "default":
+        return out
+    if kind != "llama3":
+        raise CheckpointError(f"{where}: rope scaling {kind!r} is not supported; {_SUPPORTED}")
+    try:
+        return {**out, "rope_scaling": "llama3", "rope_factor": float(params["factor"]),
+                "rope_low_freq_factor": float(params["low_freq_factor"]),
+                "rope_high_freq_factor": float(params["high_freq_factor"]),
+                # transformers' fallbacks, in its order
+                "rope_original_max_len": int(params.get(
+                    "original_max_position_embeddings",
+                    c.get("original_max_position_embeddings", c["max_position_embeddings"])))}
+    except KeyError as e:
+        raise CheckpointError(f"{where}: llama3 rope scaling without {e}") from None
 
+
+def _hf_window(c: dict[str, Any], model_type: str, where: Path) -> int | None:
+    """The sliding window that some layer of the model attends with, or None: Mistral's
+    `sliding_window`; Qwen2/3's only with `use_sliding_window` (then on the layers that
+    `layer_types` marks, or those from `max_window_layers` on), as transformers reads them."""
+    if model_type == "llama":
+        return None
+    window = c.get("sliding_window")
+    if model_type == "mistral" or window is None:
+        return None if window is None else int(window)
+    if not c.get("use_sliding_window", False):
+        return None
+    n = int(c["num_hidden_layers"])
+    kinds = c.get("layer_types")
+    if kinds is not None:
+        if set(kinds) - {"full_attention", "sliding_attention"}:
+            raise CheckpointError(f"{where}: layer_types {sorted(set(kinds))} are not supported")
+        sliding = "sliding_attention" in kinds
+    else:
+        sliding = int(c.get("max_window_layers", n)) < n
+    return int(window) if sliding else None
+
+
+def _hf_context(c: dict[str, Any], model_type: str, max_seq_len: int | None,
+                where: Path) -> tuple[int, list[str]]:
+    """The context to load with, and notes on how it was chosen.
+
+    multitoken has no sliding-window attention. A causal query attends to at most
+    max_seq_len keys, its own included, and a window of W keys (transformers: key position >
+    query position - W) hides none of them while max_seq_len <= W: within that context the
+    sliding window IS full causal attention. So a model whose layers slide is loaded with a
+    context of at most its window: by default min(max_position_embeddings, W), said in a
+    note; a larger `max_seq_len` is refused.
+    """
+    mpe = int(c.get("max_position_embeddings", 4096))
+    window = _hf_window(c, model_type, where)
+    if max_seq_len is not None:
+        if window is not None and max_seq_len > window:
+            raise CheckpointError(
+                f"{where}: max_seq_len {max_seq_len} exceeds the model's sliding window "
+                f"({window}); multitoken has no sliding-window attention and loads such a "
+                f"model with a context of at most the window")
+        return max_seq_len, []
+    if window is not None and window < mpe:
+        return window, [f"sliding_window {window} < max_position_embeddings {mpe}: context "
+                        f"(max_seq_len) set to {window}, within which sliding-window attention "
+                        f"is full causal attention (multitoken has no sliding window)"]
+    return mpe, []
+
+
+@dataclass(frozen=True)
+class HFImport:
+    """What `config.json` (and `mtp_heads.json`, if any) of a Hugging Face directory say."""
+
+    model_type: str  # a key of HF_FAMILIES
+    config: ModelConfig
+    notes: tuple[str, ...]  # how the context was chosen, if not max_position_embeddings
+
+
+def hf_config(directory: str | Path, *, max_seq_len: int | None = None) -> HFImport:
+    """Read a Hugging Face directory's config.json (+ mtp_heads.json) into a ModelConfig, or
+    refuse with one CheckpointError line anything that would not load exactly."""
     d = Path(directory)
     c = _read_json(d / "config.json")
-    if c.get("model_type") != "llama":
-        raise CheckpointError(f"{d}: model_type {c.get('model_type')!r} is not 'llama'")
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{d}: no .safetensors weights (pickled .bin files are not read)")
+    mt, archs = c.get("model_type"), c.get("architectures")
+    if mt not in HF_FAMILIES:
+        raise CheckpointError(f"{d}: model_type {mt!r} (architectures {archs}) is not "
+                              f"supported; {_SUPPORTED}")
+    if archs is not None and archs != [HF_FAMILIES[mt]]:
+        raise CheckpointError(f"{d}: architectures {archs} is not supported; {_SUPPORTED}")
+    if c.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{d}: hidden_act {c['hidden_act']!r} is not supported (silu)")
+    for key in ("attention_bias", "mlp_bias"):  # Qwen2's q/k/v biases are not a config key
+        if c.get(key):
+            raise CheckpointError(f"{d}: {key}: true is not supported ({_SUPPORTED})")
+    if c.get("quantization_config"):
+        raise CheckpointError(f"{d}: quantized weights are not supported")
+    mtp = _read_mtp_json(d)
+    n_future = 1 if mtp is None else mtp["n_future"]
+    try:
+        n = int(c["num_hidden_layers"])
+        heads = int(c["num_attention_heads"])
+        kv = int(c.get("num_key_value_heads") or heads)
+        dim = int(c["hidden_size"])
+        head_dim = c.get("head_dim")
+        context, notes = _hf_context(c, mt, max_seq_len, d / "config.json")
+        cfg = ModelConfig(
+            vocab_size=int(c["vocab_size"]), dim=dim, n_layers=n + n_future - 1,
+            n_heads=heads, n_kv_heads=kv if kv != heads else None,
+            ffn_hidden=int(c["intermediate_size"]), norm_eps=float(c["rms_norm_eps"]),
+            max_seq_len=context, n_future=n_future,
+            head_type="transformer" if mtp is None else mtp["head_type"],
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            head_dim_override=(int(head_dim) if head_dim is not None and int(head_dim) * heads
+                               != dim else None),
+            qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3", **_hf_rope(c, d / "config.json"))
+    except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
+        raise CheckpointError(f"{d / 'config.json'}: cannot build a model config: {e}") from None
+    return HFImport(mt, cfg, tuple(notes))
+
+
+def _read_mtp_json(d: Path) -> dict[str, Any] | None:
+    """mtp_heads.json, checked: None when the directory has no extra heads."""
+    path = d / MTP_JSON
+    if not path.exists():
+        if (d / MTP_WEIGHTS).exists():
+            raise CheckpointError(f"{d}: {MTP_WEIGHTS} without {MTP_JSON}")
+        return None
+    m = _read_json(path)
+    n, kind, names = m.get("n_future"), m.get("head_type"), m.get("names")
+    if (m.get("format") != MTP_FORMAT or not isinstance(n, int) or n < 2
+            or kind not in ("transformer", "causal") or not isinstance(names, list)):
+        raise CheckpointError(f"{path}: not a multitoken heads description (format "
+                              f"{MTP_FORMAT!r}, n_future >= 2, head_type transformer or causal, "
+                              f"names)")
+    return m
+
+
+def _hf_weight_files(d: Path) -> list[Path]:
+    """The model's safetensors: the shards named by model.safetensors.index.json, else
+    model.safetensors. Nothing else is read (a folder may also hold e.g. Mistral's own
+    consolidated.safetensors, or mtp_heads.safetensors)."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        return [d / f for f in sorted(set(weight_map.values()))]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json "
+                          "(pickled .bin files are not read)")
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt or truncated weights file {path}: {e}") from None
+
+
+def load_hf(directory: str | Path, *, max_seq_len: int | None = None,
+            dtype: torch.dtype | None = None) -> MultiTokenModel:
+    """A Hugging Face Llama, Mistral, Qwen2 or Qwen3 directory (config.json + safetensors) as
+    a MultiTokenModel: n_future=1, or every head when `--to-hf` wrote mtp_heads.* beside it.
+    The last decoder layer is head 1. `max_seq_len`: see `_hf_context` (None: the model's)."""
+    d = Path(directory)
+    spec = hf_config(d, max_seq_len=max_seq_len)
+    cfg = spec.config
     raw: dict[str, Tensor] = {}
-    for f in files:
-        raw.update(load_file(str(f)))
-    n = int(c["num_hidden_layers"])
-    heads = int(c["num_attention_heads"])
-    kv = int(c.get("num_key_value_heads") or heads)
-    if c.get("head_dim") not in (None, c["hidden_size"] // heads):
-        raise CheckpointError(f"{d}: head_dim != hidden_size / num_attention_heads")
-    cfg = ModelConfig(vocab_size=int(c["vocab_size"]), dim=int(c["hidden_size"]), n_layers=n,
-                      n_heads=heads, n_kv_heads=kv if kv != heads else None,
-                      ffn_hidden=int(c["intermediate_size"]), norm_eps=float(c["rms_norm_eps"]),
-                      rope_theta=_hf_rope_theta(c),
-                      max_seq_len=int(c.get("max_position_embeddings", 4096)), n_future=1,
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-    back = {v: k for k, v in _LAYER.items()}
+    for f in _hf_weight_files(d):
+        raw.update(_read_safetensors(f))
+    n = cfg.n_trunk_layers + 1  # the Hugging Face model's layers: trunk + head 1
+    back = {v: k for k, v in _HF_LAYER.items()}
     sd: dict[str, Tensor] = {}
     for name, t in raw.items():
         if name == "model.embed_tokens.weight":
@@ -233,6 +431,17 @@ def load_hf_llama(directory: str | Path, *, dtype: torch.dtype | None = None) ->
             sd[f"{prefix}.{back[rest]}"] = t
         elif not name.endswith("rotary_emb.inv_freq"):
             raise CheckpointError(f"{d}: unexpected weight {name}")
+    if cfg.n_future > 1:
+        extra = _read_safetensors(d / MTP_WEIGHTS)
+        names = _read_json(d / MTP_JSON)["names"]
+        if sorted(extra) != sorted(names):
+            raise CheckpointError(f"{d / MTP_WEIGHTS} does not hold the weights {MTP_JSON} names")
+        for name, t in extra.items():
+            head, _, rest = name.partition(".")[2].partition(".")
+            if (not name.startswith("heads.") or not head.isdigit()
+                    or not 1 <= int(head) < cfg.n_future or rest not in back):
+                raise CheckpointError(f"{d / MTP_WEIGHTS}: unexpected weight {name}")
+            sd[f"heads.{head}.{back[rest]}"] = t
     return _finish(cfg, sd, d, dtype)
 
 
@@ -274,18 +483,61 @@ def export_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, max_seq_len
     return d
 
 
-def export_hf_llama(model: MultiTokenModel, directory: str | Path,
-                    tokenizer: Tokenizer | None = None) -> Path:
-    """Write the trunk + head 1 as a Hugging Face LlamaForCausalLM (config.json,
-    generation_config.json, model.safetensors, and the tokenizer files when `tokenizer` is
-    given); the extra heads are dropped (HF Llama has none). Without a tokenizer the bos/eos/pad
-    ids are null."""
-    from safetensors.torch import save_file
+def hf_family(cfg: ModelConfig) -> str:
+    """The Hugging Face family (a key of HF_FAMILIES) whose layers are exactly this config's:
+    Qwen3 for q/k norms, Qwen2 for q/k/v biases, Llama otherwise (a Mistral without sliding
+    window is a Llama, so a converted Mistral is written as one)."""
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise CheckpointError("no supported Hugging Face family has both q/k norms (Qwen3) and "
+                              "q/k/v biases (Qwen2)")
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
 
+
+def _hf_config_json(cfg: ModelConfig, family: str, dtype: torch.dtype,
+                    ids: dict[str, int | None]) -> dict[str, Any]:
+    """config.json of `family` for the trunk + head 1. The rotary settings use the layout that
+    transformers 4.x and 5 both read: top-level rope_theta, plus rope_scaling when scaled."""
+    c: dict[str, Any] = {
+        "architectures": [HF_FAMILIES[family]], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_trunk_layers + 1, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."), **ids,
+    }
+    if cfg.rope_scaling == "llama3":
+        c["rope_scaling"] = {
+            "rope_type": "llama3", "factor": cfg.rope_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len}
+    if family == "llama":
+        c.update(attention_bias=False, mlp_bias=False)
+    else:  # Qwen2 (whose q/k/v biases are not optional) and Qwen3: every layer full attention
+        c.update(use_sliding_window=False, sliding_window=None,
+                 max_window_layers=cfg.n_trunk_layers + 1)
+        if family == "qwen3":
+            c["attention_bias"] = False  # (would add an o_proj bias too)
+    return c
+
+
+def export_hf(model: MultiTokenModel, directory: str | Path,
+              tokenizer: Tokenizer | None = None) -> Path:
+    """Write the trunk + head 1 as a Hugging Face model of the family `hf_family` names
+    (config.json, generation_config.json, model.safetensors, and the tokenizer files when
+    `tokenizer` is given), and heads 2..n beside it: mtp_heads.safetensors (each head one
+    decoder layer under the family's names, `heads.{i}.self_attn.q_proj.weight`, ...) and
+    mtp_heads.json (n_future, head_type, names), which transformers ignores and `load_hf`
+    reads back. Without a tokenizer the bos/eos/pad ids are null."""
     cfg = model.cfg
-    if cfg.head_type not in ("transformer", "causal") and cfg.n_future > 1:
-        raise CheckpointError(f"{cfg.head_type} heads have no Llama equivalent: head 1 must be "
-                              "one transformer layer on the trunk")
+    if not cfg.layer_heads:
+        raise CheckpointError("linear heads have no Hugging Face equivalent: head 1 must be one "
+                              "transformer layer on the trunk (head_type transformer or causal)")
+    if cfg.head_type == "anticausal" and cfg.n_future > 1:
+        raise CheckpointError("anticausal heads have no Hugging Face equivalent: head 1 reads "
+                              "head 2's output, not the trunk's")
+    family = hf_family(cfg)
     if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
                               f"vocab_size is {cfg.vocab_size}")
@@ -296,30 +548,36 @@ def export_hf_llama(model: MultiTokenModel, directory: str | Path,
                               "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["output.weight"]
+    extra: dict[str, Tensor] = {}
     n_trunk = cfg.n_trunk_layers
     for name, t in sd.items():
         parts = name.split(".", 2)
         if parts[0] == "layers":
-            out[f"model.layers.{parts[1]}.{_LAYER[parts[2]]}"] = t
+            out[f"model.layers.{parts[1]}.{_HF_LAYER[parts[2]]}"] = t
         elif parts[0] == "heads" and parts[1] == "0":
-            out[f"model.layers.{n_trunk}.{_LAYER[parts[2]]}"] = t
+            out[f"model.layers.{n_trunk}.{_HF_LAYER[parts[2]]}"] = t
+        elif parts[0] == "heads":
+            extra[f"heads.{parts[1]}.{_HF_LAYER[parts[2]]}"] = t
     save_file({k: v.detach().cpu().contiguous() for k, v in out.items()},
               str(d / "model.safetensors"), metadata={"format": "pt"})
+    if extra:
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()},
+                  str(d / MTP_WEIGHTS), metadata={"format": "pt"})
+        _write_json(d / MTP_JSON, {
+            "format": MTP_FORMAT, "n_future": cfg.n_future, "head_type": cfg.head_type,
+            "about": (f"heads 2..{cfg.n_future} of a multitoken model whose head 1 is the last "
+                      f"layer of model.safetensors; heads.{{i}} (i >= 1) predicts token t+i+1 "
+                      f"and is one decoder layer (names as in model.safetensors) on the output "
+                      f"of the layers before head 1 (transformer) or of head i (causal); every "
+                      f"head ends in the shared model.norm and lm_head"),
+            "names": sorted(extra)})
     ids: dict[str, int | None] = {
         "bos_token_id": None if tokenizer is None else tokenizer.bos_id,
         "eos_token_id": None if tokenizer is None else tokenizer.eos_id,
         "pad_token_id": None if tokenizer is None else tokenizer.pad_id,
     }
-    _write_json(d / "config.json", {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": n_trunk + 1, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), **ids,
-    })
+    _write_json(d / "config.json",
+                _hf_config_json(cfg, family, model.tok_embeddings.weight.dtype, ids))
     # Greedy, stopping at eos (multitoken's default stop token). No max_length: transformers
     # warns when a call's max_new_tokens meets a stored max_length; without one its own default
     # length applies.
@@ -329,31 +587,33 @@ def export_hf_llama(model: MultiTokenModel, directory: str | Path,
     return d
 
 
+# The names these functions had when Llama was the only Hugging Face family.
+load_hf_llama = load_hf
+export_hf_llama = export_hf
+
+
 def main(argv: list[str]) -> int:
     """`multitoken convert`: Meta or Hugging Face weights <-> multitoken checkpoints."""
-
-    from multitoken.checkpoint import (
-        check_tokenizer,
-        load_checkpoint,
-        new_output_dir,
-        save_checkpoint,
-    )
-    from multitoken.errors import MultitokenError
-
     p = cliargs.ArgumentParser(prog="multitoken convert", description=(
-        "Import Meta's MTP release or a Hugging Face Llama as a multitoken checkpoint, or "
-        "export a checkpoint's trunk + head 1 as a Hugging Face Llama."))
+        "Import Meta's MTP release or a Hugging Face Llama, Mistral, Qwen2 or Qwen3 as a "
+        "multitoken checkpoint, or export a checkpoint as a Hugging Face model (trunk + head 1; "
+        "heads 2..n in mtp_heads.safetensors beside it)."))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--meta", help="Meta release checkpoint directory (params.json, "
                      "consolidated.00.pth), e.g. 7B_1T_4/")
-    src.add_argument("--hf", help="Hugging Face Llama directory (config.json, *.safetensors)")
+    src.add_argument("--hf", help="Hugging Face directory (config.json, model.safetensors or "
+                     "its index) of " + ", ".join(HF_FAMILIES.values()) + "; every head when "
+                     "it has mtp_heads.json (written by --to-hf)")
     src.add_argument("--checkpoint", help="multitoken checkpoint to export (with --to-hf)")
     p.add_argument("--tokenizer", help="tokenizer.json, SentencePiece tokenizer.model, or a "
                    "multitoken tokenizer directory; default for --hf: its tokenizer.json; for "
                    "--meta: tokenizer.model in the directory or its parent")
     p.add_argument("--out", help="new multitoken checkpoint directory (with --meta / --hf)")
-    p.add_argument("--to-hf", help="output directory for a Hugging Face Llama (with --checkpoint)")
-    p.add_argument("--max-seq-len", type=int, default=4096, help="context for --meta models")
+    p.add_argument("--to-hf", help="output directory for a Hugging Face model (with "
+                   "--checkpoint)")
+    p.add_argument("--max-seq-len", type=cliargs.positive_int, default=None, help=(
+        "the model's context; default for --meta 4096, for --hf max_position_embeddings, at "
+        "most the sliding window of a model whose layers slide (a larger value is refused)"))
     args = p.parse_args(argv)
 
     def fresh(path: str | None, flag: str) -> Path:
@@ -364,17 +624,22 @@ def main(argv: list[str]) -> int:
     if args.checkpoint:
         out = fresh(args.to_hf, "--to-hf")
         model, tokenizer = load_checkpoint(args.checkpoint)
-        export_hf_llama(model, out, tokenizer)
-        print(f"wrote {out} (trunk + head 1; {model.n_future - 1} extra heads dropped; "
+        export_hf(model, out, tokenizer)
+        heads = (f"heads 2..{model.n_future} in {MTP_WEIGHTS}" if model.n_future > 1
+                 else "no extra heads")
+        print(f"wrote {out} ({HF_FAMILIES[hf_family(model.cfg)]}: trunk + head 1; {heads}; "
               f"{tokenizer.name} tokenizer)")
         return 0
     out = fresh(args.out, "--out")
     if args.meta:
         # The tokenizer first: a missing one is reported before reading gigabytes of weights.
         tokenizer = load_tokenizer(args.tokenizer or meta_tokenizer_path(args.meta))
-        model = load_meta(args.meta, max_seq_len=args.max_seq_len)
+        model = load_meta(args.meta, max_seq_len=args.max_seq_len or 4096)
     else:
-        model = load_hf_llama(args.hf)
+        spec = hf_config(args.hf, max_seq_len=args.max_seq_len)  # refuses before any weights
+        for note in spec.notes:
+            print(f"note: {note}", file=sys.stderr)
+        model = load_hf(args.hf, max_seq_len=args.max_seq_len)
         tokenizer = load_tokenizer(args.tokenizer or Path(args.hf) / "tokenizer.json")
     check_tokenizer(tokenizer, model.cfg, None, args.tokenizer or args.meta or args.hf)
     save_checkpoint(out, model, tokenizer, extra={"converted_from": args.meta or args.hf})

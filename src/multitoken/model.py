@@ -8,6 +8,11 @@ Weight names follow Meta's Llama checkpoints (`tok_embeddings`, `layers.N.attent
 `norm`, `output`) so the mapping to Meta's MTP release and to Hugging Face Llama is a renaming
 (see docs/weights.md). Rotary embeddings use the Hugging Face "rotate half" convention.
 
+Options of pretrained families (`ModelConfig`): q/k/v biases (Qwen2), an RMSNorm over each
+head's q and k before rotary (Qwen3), a head width other than dim / n_heads, and Llama 3.1's
+rotary frequency scaling. With the defaults the layers hold and compute exactly what they did
+before the options existed (no bias, no norm module, the same rotary table).
+
 Decoding uses a preallocated KV cache written by *slot* (`KVCache`): every forward may take
 per-sequence rotary positions `pos` [B, T], cache slots `slots` [B, T] and a boolean attention
 mask [B, T, S]. For plain and chain decoding slots == positions and the mask is causal in
@@ -38,11 +43,43 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin tables [max_len, head_dim // 2] for rotary position embeddings."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def llama3_inv_freq(inv_freq: Tensor, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_len: int) -> Tensor:
+    """Llama 3.1's rotary rescaling of inv_freq [hd/2]: wavelengths longer than
+    original_max_len / low_freq_factor are stretched by `factor`, those shorter than
+    original_max_len / high_freq_factor kept, the ones between interpolated (the definition in
+    Meta's Llama 3.1 reference code and transformers' `rope_type: llama3`)."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = original_max_len / low_freq_factor
+    high_wavelen = original_max_len / high_freq_factor
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    return torch.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), smoothed, out)
+
+
+def _inv_freq(head_dim: int, theta: float) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def _tables(inv_freq: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [max_len, head_dim // 2] for rotary position embeddings."""
+    return _tables(_inv_freq(head_dim, theta), max_len)
+
+
+def model_rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """The rotary tables of a model with config `cfg` (its rope scaling included),
+    [max_seq_len, head_dim // 2] each."""
+    inv_freq = _inv_freq(cfg.head_dim, cfg.rope_theta)
+    if cfg.rope_scaling == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, cfg.rope_factor, cfg.rope_low_freq_factor,
+                                   cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    return _tables(inv_freq, cfg.max_seq_len)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -94,16 +131,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Qwen3: one RMSNorm over the head dimension, shared by all heads, on q and on k.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: DecodeContext | None,
                 layer: int) -> Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.hd), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv, self.hd), cos, sin)
+        q = self.wq(x).view(B, T, self.n_heads, self.hd)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.wv(x).view(B, T, self.n_kv, self.hd)
         gqa = self.n_kv != self.n_heads
         if ctx is None:  # training / full forward: plain causal attention over this sequence
@@ -173,7 +216,7 @@ class MultiTokenModel(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -185,7 +228,9 @@ class MultiTokenModel(nn.Module):
         # variance does not grow with the number of layers.
         resid_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):  # q/k/v biases (qkv_bias)
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm gains
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, 0.0, resid_std)
@@ -194,8 +239,8 @@ class MultiTokenModel(nn.Module):
         if not self.cfg.layer_heads:  # linear heads start as the identity map
             for h in self.heads:
                 nn.init.eye_(h.weight)
-        self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in rope_tables(
-            self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta))
+        self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device)
+                                        for t in model_rope_tables(self.cfg))
 
     @property
     def n_future(self) -> int:

@@ -36,6 +36,11 @@ layouts), the copy once more.
 
 Numerics are the model's (fp32 RMSNorm statistics, the same rotary tables); results differ from
 `model.hidden` only by matmul rounding.
+
+Every `ModelConfig` option is laid out here too: q/k/v biases are one bias of the fused q/k/v
+product, q/k norms per-layer gains applied per head before rotary, a head width other than
+dim / n_heads only changes the shapes, and rotary scaling lives in the model's tables. Each
+costs an op only in the models that have it.
 """
 
 from __future__ import annotations
@@ -128,6 +133,16 @@ class _Weights:
         ffn = [b.feed_forward for b in blocks]
         # q/k/v and gate/up concatenated: 4 matmuls per layer instead of 7
         self.qkv = _Mat([[a.wq.weight, a.wk.weight, a.wv.weight] for a in att], dtype, "io")
+        # Options (None when the model has none): the fused q/k/v bias [H, 1, out], and the
+        # q/k norm gains [H, 1, 1, hd] (one per layer, shared by the layer's heads).
+        self.qkv_bias = (torch.stack([torch.cat([a.wq.bias, a.wk.bias, a.wv.bias]).detach()
+                                      for a in att])[:, None, :]
+                         if att[0].wq.bias is not None else None)
+        self.q_norm: Tensor | None = None
+        self.k_norm: Tensor | None = None
+        if att[0].q_norm is not None:
+            self.q_norm = torch.stack([a.q_norm.weight.detach() for a in att])[:, None, None, :]
+            self.k_norm = torch.stack([a.k_norm.weight.detach() for a in att])[:, None, None, :]
         self.o = _Mat([[a.wo.weight] for a in att], dtype, one)
         self.w13 = _Mat([[f.w1.weight, f.w3.weight] for f in ffn], dtype, one)
         self.w2 = _Mat([[f.w2.weight] for f in ffn], dtype, "oi")
@@ -160,9 +175,15 @@ class Layers:
         H, BT = w.g_attn.shape[0], x.shape[1]
         T = BT // B
         nh, nkv, hd = self.n_attn_heads, self.n_kv_heads, self.hd
-        q, k, v = w.qkv(self.norm(x, w.g_attn)).split([nh * hd, nkv * hd, nkv * hd], -1)
-        q = apply_rope(q.reshape(H, BT, nh, hd), cos, sin).view(H, B, T, nh, hd)
-        k = apply_rope(k.reshape(H, BT, nkv, hd), cos, sin).view(H, B, T, nkv, hd)
+        y = w.qkv(self.norm(x, w.g_attn))  # [H, B*T, (nh + 2 nkv) hd]
+        if w.qkv_bias is not None:
+            y = y + w.qkv_bias
+        q, k, v = y.split([nh * hd, nkv * hd, nkv * hd], -1)
+        q, k = q.reshape(H, BT, nh, hd), k.reshape(H, BT, nkv, hd)
+        if w.q_norm is not None and w.k_norm is not None:
+            q, k = self.norm(q, w.q_norm), self.norm(k, w.k_norm)
+        q = apply_rope(q, cos, sin).view(H, B, T, nh, hd)
+        k = apply_rope(k, cos, sin).view(H, B, T, nkv, hd)
         cache: KVCache = ctx.cache
         rows = cache._rows[:B]
         cache.k[layer:layer + H, rows, ctx.slots] = k.to(cache.k.dtype)
