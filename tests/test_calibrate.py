@@ -147,9 +147,11 @@ def test_cli_calibrate_then_generate_and_bench(tmp_path, capsys):
                        "--out-png", str(png)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
-    assert res["exact"] is True and res["batch_size"] == 2 and res["greedy_tok_s"] > 0
-    assert set(res["modes"]) == {"chain-1", "chain-2", "chain-3", "tree"}
-    assert set(res["modes"]["tree"]) == {"tokens_per_forward", "speedup", "tok_s"}
+    assert res["exact"] is True and res["batch_size"] == 2
+    [run] = res["runs"]
+    assert run["plain_tok_s"] > 0
+    assert set(run["modes"]) == {"plain", "chain-1", "chain-2", "chain-3", "tree"}
+    assert {"tokens_per_forward", "speedup", "tok_s", "distinct_8"} <= set(run["modes"]["tree"])
     assert res["forward_cost"]["1"] == 1.0 and "4" in res["forward_cost"]
     assert png.stat().st_size > 1000
     # --tree-size: the first nodes of the calibrated growth order instead of the best tree

@@ -188,7 +188,11 @@ CASES = [
         ["--eval-sequences", "0"], ["--steps", "0"], ["--batch-size", "0"], ["--lr", "0"],
         ["--lr", "abc"], ["--lr", "nan"], ["--min-lr-ratio", "2"], ["--warmup-steps", "-1"],
         ["--weight-decay", "-1"], ["--grad-clip", "0"], ["--target", "bogus"],
-        ["--seed", "abc"], ["--threads", "0"], *BAD_DEVICES,
+        ["--seed", "abc"], ["--threads", "0"], ["--temperature", "-1"],
+        ["--temperature", "nan"], ["--temperature", "inf"], ["--temperature", "abc"],
+        ["--temperature", "0.8", "--top-p", "0"], ["--temperature", "0.8", "--top-p", "1.5"],
+        ["--temperature", "0.8", "--top-k", "0"], ["--temperature", "0.8", "--top-k", "x"],
+        ["--top-p", "0.9"], ["--top-k", "5"], *BAD_DEVICES,
     ]),
     *_cases(["convert"], [
         ["--meta", "{missing}", "--tokenizer", "{missing}", "--out", "{tmp}/o"],
@@ -218,6 +222,15 @@ CASES = [
         ["--checkpoint", "{missing}"], ["--prompts", "0"], ["--prompt-len", "abc"],
         ["--new-tokens", "0"], ["--batch-size", "0"], ["--heads", "x"], ["--heads", "9"],
         ["--heads", "0"], ["--tree-size", "0"], ["--threads", "-1"], ["--reps", "0"],
+        ["--temperature", "abc"], ["--temperature", "-1"], ["--temperature", "nan"],
+        ["--temperature", "inf"], ["--top-p", "0"], ["--top-p", "2"], ["--top-k", "0"],
+        ["--top-p", "0.9"], ["--temperature", "0", "--top-k", "5"],  # filters need sampling
+        ["--seed", "abc"], ["--sampling", ""], ["--sampling", "x"], ["--sampling", "greedy,"],
+        ["--sampling", "0.8:2"], ["--sampling", "1.0::0"], ["--sampling", "-1"],
+        ["--sampling", "1:0.9:5:3"], ["--sampling", "0:0.9"],
+        ["--sampling", "greedy", "--temperature", "1"],  # one way or the other
+        ["--baselines", "--sampling", "1.0"],  # baselines are greedy
+        ["--prompt-lookup-tokens", "0"], ["--baselines=1"],
         *BAD_DEVICES,
     ]),
     *_cases(MEM, [

@@ -15,7 +15,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -125,11 +125,12 @@ def set_threads(n: int | None) -> None:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain left/right aligned text table (numbers right-aligned)."""
+    """A plain left/right aligned text table (numbers right-aligned; None shows as "-")."""
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
+               for i in range(len(headers))]
 
     def line(vals: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
@@ -141,11 +142,41 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
     if isinstance(x, float):
         return f"{x:.4g}" if abs(x) < 1e-2 and x != 0 else f"{x:,.1f}" if abs(x) >= 100 else f"{x:.3f}"
     if isinstance(x, int):
         return f"{x:,}"
     return str(x)
+
+
+def distinct_ngram_ratio(sequences: Iterable[Sequence[int]], n: int = 8) -> float | None:
+    """How little token sequences repeat themselves: distinct n-grams / all n-grams, pooled.
+
+    The n-grams of a sequence of L token ids are its L - n + 1 windows of n consecutive ids.
+    Each sequence adds its number of n-grams to the denominator and its number of *different*
+    n-grams to the numerator; the ratio is the quotient of the two sums (a ratio of sums, so a
+    sequence weighs by its length). n-grams are compared within a sequence only: two prompts
+    continued alike (a common idiom) are not repetition, a sequence that loops is.
+
+    1.0: no n-gram occurs twice in any sequence. A loop of period p (p <= L - n + 1) has p
+    distinct n-grams, so p / (L - n + 1); constant output of length L >> n tends to 0.
+    A sequence shorter than n adds nothing; with no sequence of n ids or more the ratio is
+    undefined and the result is None. Token ids, not text: the same figure for any tokenizer
+    of the same ids.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    distinct = total = 0
+    for seq in sequences:
+        ids = tuple(int(t) for t in seq)
+        grams = len(ids) - n + 1
+        if grams <= 0:
+            continue
+        total += grams
+        distinct += len({ids[i:i + n] for i in range(grams)})
+    return distinct / total if total else None
 
 
 def print_json(obj: dict[str, Any]) -> None:

@@ -1,51 +1,352 @@
-"""`multitoken bench decode`: plain greedy vs chain and tree speculation, side by side.
+"""`multitoken bench decode`: plain vs chain and tree speculation, greedy and sampling.
 
-Prompts are slices of the checkpoint's validation split (never trained on). All modes run in
-one process, interleaved batch by batch (the order rotates), so drifts in machine load hit every
-mode alike. Every speculative output is checked token for token against plain greedy's.
-Speedup = plain greedy's wall time / the mode's, over the same prompts and the same number of
-new tokens (prefill included). Tokens per forward counts the bonus token (see multitoken/decoding/generate.py).
+Prompts are slices of the checkpoint's validation split (never trained on), each followed in
+that split by at least `--new-tokens` tokens: the prompt's real continuation.
 
-Last line: one JSON object {"exact", "batch_size", "greedy_tok_s", "modes", "forward_cost"}
-where forward_cost[m] = T(m)/T(1), the time of a speculative forward (all heads) over m tokens
-relative to one token; the table also shows plain decoding's forward (head 1 only).
+Every sampling setting (greedy by default; one with `--temperature/--top-p/--top-k`, several
+with `--sampling`) is one run: all modes decode the same prompts in one process, interleaved
+batch by batch (the order rotates), so drifts in machine load hit every mode alike. Speedup =
+plain decoding's wall time / the mode's, at the same setting, over the same prompts and the
+same number of new tokens (prefill included). Tokens per forward counts the bonus token (see
+multitoken/decoding/generate.py).
+
+Exactness. Greedy: every speculative output is compared token for token with plain greedy's.
+Sampling: an exact rule gives the same *distribution* as plain sampling, not the same draws
+(the random numbers are consumed differently), so nothing is compared here; the evidence is the
+chi-square tests of the suite (tests/test_speculative.py), and the table and JSON say so.
+
+Which text: every mode's output and the real continuations get their distinct-8-gram ratio
+(`bench.common.distinct_ngram_ratio`). Output that loops (a low ratio) is easy to draft; a speed
+measured on it says little about text like the real continuation.
+
+`--baselines` (greedy only): transformers' greedy `generate` and prompt-lookup decoding on the
+same weights and prompts, in the same interleaved rotation (see bench/hf_baselines.py).
+
+Last line: one JSON object
+  {"batch_size", "prompts", "prompt_len", "new_tokens",
+   "reference": {"distinct_8"}: the real continuations,
+   "exact": every token-for-token comparison of our modes with plain greedy was equal (null
+            when no greedy run made one),
+   "runs": [{"label", "sampling": {"temperature", "top_p", "top_k", "seed", "greedy"},
+             "exact": as above, for this run (null when sampling), "exact_check": how exactness
+             is established ("token-for-token" or "chi-square (tests)"), "plain_tok_s",
+             "modes": {name: {"heads", "tokens_per_forward", "tok_s", "speedup", "forwards",
+                              "distinct_8", "exact"}},
+             "baselines": {name: the same fields + "batch_size"} (greedy runs, --baselines)}],
+   "transformers": version or null,
+   "forward_cost": {m: T(m)/T(1)}}
+where T(m) is the time of a speculative forward (all heads) over m tokens; the text also shows
+plain decoding's forward (head 1 only).
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from multitoken import cliargs
-from multitoken.bench.common import format_table, print_json, set_threads
+from multitoken.bench.common import distinct_ngram_ratio, format_table, print_json, set_threads
+from multitoken.bench.hf_baselines import Decoded, HFBaselines, require_transformers
+from multitoken.checkpoint import load_checkpoint
+from multitoken.decoding.calibrate import (
+    load_calibration,
+    prompts_from,
+    time_forwards,
+    validation_tokens,
+)
+from multitoken.decoding.generate import generate
+from multitoken.decoding.sampling import Sampling
+from multitoken.decoding.tree import Tree, default_tree
 from multitoken.devices import resolve_device
-from multitoken.errors import MultitokenError
+from multitoken.errors import ConfigError, MultitokenError
+from multitoken.model import MultiTokenModel
+
+NGRAM = 8  # distinct-8: the n of the distinct-n-gram ratio every mode reports
+CHI_SQUARE = "chi-square (tests)"
+TOKEN_FOR_TOKEN = "token-for-token"
+HF_GREEDY, HF_LOOKUP = "hf-greedy", "hf-prompt-lookup"
 
 
-def _plot(path: Path, modes: dict[str, dict[str, Any]], heads: dict[str, int]) -> None:
+# ---------------------------------------------------------------------------------------------
+# Sampling settings.
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One sampling setting of the benchmark (greedy when temperature is 0)."""
+
+    sampling: Sampling
+
+    @property
+    def label(self) -> str:
+        s = self.sampling
+        if s.greedy:
+            return "greedy"
+        parts = [f"T={s.temperature:g}"]
+        if s.top_p is not None:
+            parts.append(f"top-p={s.top_p:g}")
+        if s.top_k is not None:
+            parts.append(f"top-k={s.top_k}")
+        return " ".join(parts)
+
+
+def make_setting(temperature: float, top_p: float | None, top_k: int | None) -> Setting:
+    """A checked setting: the same rules as `generate`, plus a finite temperature, and top-p /
+    top-k only with a temperature > 0 (greedy ignores them, so asking for both is a mistake)."""
+    if not math.isfinite(temperature):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
+    s = Sampling(float(temperature), top_k, top_p)
+    try:
+        s.validate()
+    except MultitokenError as e:
+        raise ConfigError(str(e)) from None
+    if s.greedy and (top_p is not None or top_k is not None):
+        raise ConfigError("top-p and top-k apply to sampling: give a temperature > 0 with them")
+    return Setting(s)
+
+
+def sampling_list(text: str) -> list[Setting]:
+    """argparse type of --sampling: comma-separated settings, each `greedy` (= 0) or
+    TEMPERATURE[:TOP_P[:TOP_K]] with an empty field for "off", e.g. `greedy,0.8:0.95,1.0::50`."""
+    settings = []
+    for item in (t.strip() for t in text.split(",")):
+        if item in ("greedy", "0"):
+            settings.append(make_setting(0.0, None, None))
+            continue
+        fields = item.split(":")
+        try:
+            if not item or len(fields) > 3:
+                raise ValueError
+            t = float(fields[0])
+            p = float(fields[1]) if len(fields) > 1 and fields[1] else None
+            k = int(fields[2]) if len(fields) > 2 and fields[2] else None
+            settings.append(make_setting(t, p, k))
+        except ConfigError as e:  # well formed, bad value
+            raise argparse.ArgumentTypeError(f"setting {item!r}: {e}") from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated settings, each `greedy` or "
+                f"TEMPERATURE[:TOP_P[:TOP_K]] (e.g. greedy,0.8:0.95,1.0), got {item!r}"
+            ) from None
+    return settings
+
+
+def settings_from(args: argparse.Namespace) -> list[Setting]:
+    """The runs asked for: --sampling, or the one setting of --temperature/--top-p/--top-k."""
+    single = (args.temperature, args.top_p, args.top_k) != (None, None, None)
+    if args.sampling is not None:
+        if single:
+            raise ConfigError("give either --sampling or --temperature/--top-p/--top-k")
+        return args.sampling
+    try:
+        return [make_setting(args.temperature or 0.0, args.top_p, args.top_k)]
+    except ConfigError as e:
+        raise ConfigError(f"--temperature/--top-p/--top-k: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and their real continuations.
+
+
+def prompts_and_continuations(tokens: Any, n: int, prompt_len: int,
+                              new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """n prompts of prompt_len tokens, evenly spaced through `tokens`, and the new_tokens
+    tokens that follow each one there (its real continuation)."""
+    size = len(tokens)
+    if size < prompt_len + new_tokens + 1:
+        raise MultitokenError(
+            f"the validation split has {size} tokens: too few for prompts of {prompt_len} "
+            f"tokens followed by {new_tokens} (lower --prompt-len or --new-tokens)")
+    windows = prompts_from(tokens, n, prompt_len + new_tokens)
+    return [w[:prompt_len] for w in windows], [w[prompt_len:] for w in windows]
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: every mode at one sampling setting, interleaved.
+
+
+Decoder = Callable[[list[list[int]], int, int], Decoded]  # (prompts, new tokens, batch index)
+
+
+def _ours(model: MultiTokenModel, setting: Setting, seed: int,
+          mode: dict[str, Any]) -> Decoder:
+    s = setting.sampling
+    device = model.tok_embeddings.weight.device
+
+    def run(batch: list[list[int]], new_tokens: int, i: int) -> Decoded:
+        # Sampling: the same seed for every mode on a batch (the draws still differ: the modes
+        # consume random numbers differently).
+        gen = None if s.greedy else torch.Generator(device=device).manual_seed(seed + i)
+        res = generate(model, batch, new_tokens, temperature=s.temperature, top_k=s.top_k,
+                       top_p=s.top_p, generator=gen, **mode)
+        st = res.stats
+        # ratio of sums over all prompts (a mean of per-prompt ratios would overweight the
+        # prompts that needed few forwards)
+        return Decoded(res.tokens, st.wall_time_s, st.forwards, st.sequence_forwards,
+                       st.tokens_per_forward * st.sequence_forwards)
+
+    return run
+
+
+def run_setting(decoders: dict[str, Decoder], batches: list[list[list[int]]], new_tokens: int,
+                greedy: bool) -> dict[str, dict[str, Any]]:
+    """Decode every batch with every decoder ("plain" first), the order rotating per batch.
+
+    Returns per decoder: seconds, tokens, forwards, rows, appended, outputs (all sequences, in
+    prompt order) and exact (greedy: equal to plain's output for every batch, else None).
+    """
+    names = list(decoders)
+    for name in names:  # warm-up: first calls build stacked weights, allocate, etc.
+        decoders[name](batches[0], min(new_tokens, 16), 0)
+    acc: dict[str, dict[str, Any]] = {
+        m: {"seconds": 0.0, "tokens": 0, "forwards": 0, "rows": 0, "appended": 0.0,
+            "outputs": [], "exact": True if greedy and m != "plain" else None} for m in names}
+    for i, batch in enumerate(batches):
+        order = names[i % len(names):] + names[: i % len(names)]
+        outs: dict[str, list[list[int]]] = {}
+        for name in order:
+            d = decoders[name](batch, new_tokens, i)
+            outs[name] = d.tokens
+            a = acc[name]
+            a["seconds"] += d.seconds
+            a["tokens"] += sum(len(t) for t in d.tokens)
+            a["forwards"] += d.forwards
+            a["rows"] += d.rows
+            a["appended"] += d.appended
+        for name in names:
+            acc[name]["outputs"].extend(outs[name])
+            if acc[name]["exact"] and outs[name] != outs["plain"]:
+                acc[name]["exact"] = False
+    return acc
+
+
+def _summary(a: dict[str, Any], heads: int, plain_tok_s: float) -> dict[str, Any]:
+    tok_s = a["tokens"] / a["seconds"]
+    return {"heads": heads, "tokens_per_forward": a["appended"] / a["rows"] if a["rows"] else 0.0,
+            "tok_s": tok_s, "speedup": tok_s / plain_tok_s, "forwards": a["forwards"],
+            "distinct_8": distinct_ngram_ratio(a["outputs"], NGRAM), "exact": a["exact"]}
+
+
+def _run_result(setting: Setting, acc: dict[str, dict[str, Any]], heads_used: dict[str, int],
+                args: argparse.Namespace) -> dict[str, Any]:
+    """One run's entry of the JSON's "runs" (see the module docstring)."""
+    s, greedy = setting.sampling, setting.sampling.greedy
+    plain_tok_s = acc["plain"]["tokens"] / acc["plain"]["seconds"]
+    modes = {m: _summary(acc[m], h, plain_tok_s) for m, h in heads_used.items()}
+    run: dict[str, Any] = {
+        "label": setting.label,
+        "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                     "seed": None if greedy else args.seed, "greedy": greedy},
+        # our modes only: a baseline that differs is transformers' numerics, not our decoding
+        "exact": all(r["exact"] for m, r in modes.items() if m != "plain") if greedy else None,
+        "exact_check": TOKEN_FOR_TOKEN if greedy else CHI_SQUARE,
+        "plain_tok_s": plain_tok_s, "modes": modes}
+    if HF_GREEDY in acc:
+        run["baselines"] = {
+            HF_GREEDY: {**_summary(acc[HF_GREEDY], 1, plain_tok_s),
+                        "batch_size": args.batch_size},
+            HF_LOOKUP: {**_summary(acc[HF_LOOKUP], 1, plain_tok_s), "batch_size": 1,
+                        "prompt_lookup_num_tokens": args.prompt_lookup_tokens}}
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
+
+
+def _exact_cell(name: str, exact: bool | None, greedy: bool) -> str | None:
+    if name == "plain":
+        return None  # the reference the others are compared with
+    if not greedy:
+        return CHI_SQUARE + " *"
+    return "yes" if exact else "NO"
+
+
+def print_run(run: dict[str, Any], batch_size: int) -> None:
+    greedy = run["sampling"]["greedy"]
+    rows = []
+    for name, r in [*run["modes"].items(), *run.get("baselines", {}).items()]:
+        shown = name
+        if r.get("batch_size", batch_size) != batch_size:
+            shown = f"{name} (batch {r['batch_size']})"
+        rows.append([shown, r["heads"], r["tokens_per_forward"], r["tok_s"], r["speedup"],
+                     r["forwards"], r["distinct_8"], _exact_cell(name, r["exact"], greedy)])
+    seed = "" if greedy else f", seed {run['sampling']['seed']}"
+    print(f"\n{run['label']}{seed} (speedup over plain decoding at this setting):")
+    print(format_table(["mode", "heads", "tokens/forward", "tok/s", "speedup", "forwards",
+                        f"distinct-{NGRAM}", "exact"], rows))
+    if not greedy:
+        print("* sampling: outputs are not compared token by token (an exact rule matches plain "
+              "sampling in distribution, not draw by draw); exactness rests on the suite's "
+              "chi-square tests (tests/test_speculative.py)")
+
+
+def _plot(path: Path, runs: list[dict[str, Any]], reference: float | None, n_heads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    chain = sorted((heads[m], v) for m, v in modes.items() if m.startswith("chain"))
-    for ax, key, label in ((axes[0], "speedup", "wall-clock speedup vs plain greedy"),
-                           (axes[1], "tokens_per_forward", "tokens per forward")):
-        ax.plot([1] + [h for h, _ in chain], [1.0] + [v[key] for _, v in chain], "o-",
-                label="chain (greedy = 1 head)")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    panels = ((axes[0], "speedup", "wall-clock speedup vs plain decoding"),
+              (axes[1], "tokens_per_forward", "tokens per forward"))
+    for j, run in enumerate(runs):
+        c = colors[j % len(colors)]
+        modes = run["modes"]
+        line = [v for m, v in modes.items() if m == "plain" or m.startswith("chain")]
+        line.sort(key=lambda v: v["heads"])
+        d8 = modes["plain"]["distinct_8"]
+        label = f"{run['label']} (plain distinct-{NGRAM} {_d8(d8)})"
+        for ax, key, _ in panels:
+            ax.plot([v["heads"] for v in line], [v[key] for v in line], "o-", color=c,
+                    label=label)
+            if "tree" in modes:
+                ax.plot([modes["tree"]["heads"]], [modes["tree"][key]], "s", color=c,
+                        markersize=9)
+        # distinct-8 of each mode's own output, beside its point (the tree's on the left: it
+        # shares its x with the longest chain)
+        points = [(v, (5, 3 + 8 * j)) for v in line]
         if "tree" in modes:
-            ax.plot([heads["tree"]], [modes["tree"][key]], "s", markersize=9, label="tree")
-        ax.set_xticks(range(1, max(heads.values()) + 1))
+            points.append((modes["tree"], (-26, -4 - 8 * j)))
+        for v, offset in points:
+            axes[1].annotate(_d8(v["distinct_8"]), (v["heads"], v["tokens_per_forward"]),
+                             textcoords="offset points", xytext=offset, fontsize=7, color=c)
+        for (name, v), marker in zip(run.get("baselines", {}).items(), ("^", "v")):
+            for ax, key, _ in panels:
+                ax.plot([v["heads"]], [v[key]], marker, color="black", markersize=8,
+                        fillstyle="none", label=f"{name} (distinct-{NGRAM} {_d8(v['distinct_8'])})")
+    if any("tree" in run["modes"] for run in runs):
+        axes[0].plot([], [], "s", color="grey", markersize=9, label="tree (squares)")
+    for ax, _, ylabel in panels:
+        ax.set_xticks(range(1, n_heads + 1))
         ax.set_xlabel("heads used (head 1 + draft heads)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    handles, labels = axes[0].get_legend_handles_labels()  # below the panels, hiding no point
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"distinct-{NGRAM} of the prompts' real continuations: {_d8(reference)}; "
+                 f"numbers beside the points: distinct-{NGRAM} of each mode's output", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * math.ceil(len(labels) / 3), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _d8(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
 
 
 def build_parser() -> cliargs.ArgumentParser:
@@ -68,6 +369,25 @@ def build_parser() -> cliargs.ArgumentParser:
     p.add_argument("--tree-size", type=cliargs.positive_int, default=None,
                    help="tree of this many nodes: the first ones of the calibrated growth order "
                    "(most likely accepted first), instead of the calibrated best tree")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample at this temperature (default: greedy)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="with --temperature: nucleus sampling, keep the smallest set of tokens "
+                   "whose probability reaches this, in (0, 1]")
+    p.add_argument("--top-k", type=cliargs.positive_int, default=None,
+                   help="with --temperature: sample from the k most likely tokens")
+    p.add_argument("--sampling", type=sampling_list, default=None,
+                   help="several settings, one run each, instead of --temperature/--top-p/"
+                   "--top-k: comma-separated, each `greedy` or TEMPERATURE[:TOP_P[:TOP_K]], "
+                   "e.g. greedy,0.8:0.95,1.0")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed: batch i of every mode uses seed + i (default 0)")
+    p.add_argument("--baselines", action="store_true",
+                   help="greedy runs also decode with transformers (greedy generate, and "
+                   "prompt lookup one prompt at a time) on the exported trunk + head 1; needs "
+                   "the `hf` extra")
+    p.add_argument("--prompt-lookup-tokens", type=cliargs.positive_int, default=10,
+                   help="with --baselines: prompt_lookup_num_tokens, drafts per step (default 10)")
     p.add_argument("--out-png", default=None, help="plot path (default: none)")
     cliargs.add_device_argument(p)
     cliargs.add_threads_argument(p)
@@ -76,18 +396,32 @@ def build_parser() -> cliargs.ArgumentParser:
     return p
 
 
+def _tree_paths(args: argparse.Namespace, n: int) -> list[Any] | None:
+    """The tree to run: --tree-size nodes of the calibrated growth order, else the calibrated
+    best tree for this batch size, else the default tree; None with --no-tree."""
+    if args.no_tree:
+        return None
+    calib = load_calibration(args.checkpoint)
+    by_b = (calib or {}).get("by_batch_size", {}).get(str(args.batch_size), calib)
+    if args.tree_size:
+        grown = (calib or {}).get("tree_order") or []
+        if not grown:
+            print("note: no calibrated growth order: using the default tree of that size")
+        return grown[:args.tree_size] or default_tree(n - 1, size=args.tree_size)
+    if by_b:
+        return by_b["tree"]
+    print("note: no calibration.json (run `multitoken calibrate`): using the default tree")
+    return default_tree(n - 1)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-
-    from multitoken.checkpoint import load_checkpoint
-    from multitoken.decoding.calibrate import (
-        load_calibration,
-        prompts_from,
-        time_forwards,
-        validation_tokens,
-    )
-    from multitoken.decoding.generate import generate
-    from multitoken.decoding.tree import Tree, default_tree
+    settings = settings_from(args)
+    if args.baselines:
+        require_transformers()
+        if not any(s.sampling.greedy for s in settings):
+            raise ConfigError("--baselines compares greedy decoding: include greedy in the "
+                              "settings (e.g. --sampling greedy,0.8:0.95)")
 
     device = resolve_device(args.device)
     set_threads(args.threads)
@@ -99,71 +433,56 @@ def main(argv: list[str]) -> int:
     for k in ks:
         if not 1 <= k <= n - 1:
             raise MultitokenError(f"--heads: chain lengths must be in 1..{n - 1}, got {k}")
+    # The export is refused before any decoding for a model whose head 1 is not a transformer
+    # layer on the trunk (linear or anticausal heads).
+    hf = HFBaselines(model, tokenizer) if args.baselines else None
     max_len = model.cfg.max_seq_len
     prompt_len = min(args.prompt_len, max_len // 2)
     new_tokens = min(args.new_tokens, max_len - prompt_len)
     if (prompt_len, new_tokens) != (args.prompt_len, args.new_tokens):
         print(f"note: context {max_len}: using prompt-len {prompt_len}, new-tokens {new_tokens}")
 
-    calib = load_calibration(args.checkpoint)
-    tree_paths = None
-    if not args.no_tree:
-        by_b = (calib or {}).get("by_batch_size", {}).get(str(args.batch_size), calib)
-        if args.tree_size:
-            grown = (calib or {}).get("tree_order") or []
-            tree_paths = grown[:args.tree_size] or default_tree(n - 1, size=args.tree_size)
-            if not grown:
-                print("note: no calibrated growth order: using the default tree of that size")
-        elif by_b:
-            tree_paths = by_b["tree"]
-        else:
-            tree_paths = default_tree(n - 1)
-            print("note: no calibration.json (run `multitoken calibrate`): using the default tree")
+    tree_paths = _tree_paths(args, n)
     tree = Tree(tree_paths) if tree_paths else None
-
-    prompts = prompts_from(validation_tokens(args.checkpoint, tokenizer), args.prompts, prompt_len)
+    prompts, continuations = prompts_and_continuations(
+        validation_tokens(args.checkpoint, tokenizer), args.prompts, prompt_len, new_tokens)
+    reference = distinct_ngram_ratio(continuations, NGRAM)
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    modes: dict[str, dict[str, Any]] = {"greedy": {"speculative": "off"}}
+    modes: dict[str, dict[str, Any]] = {"plain": {"speculative": "off"}}
     for k in ks:
         modes[f"chain-{k}"] = {"speculative": "chain", "num_drafts": k}
     if tree is not None:
         modes["tree"] = {"speculative": "tree", "tree": tree.paths}
-    heads_used = {"greedy": 1, **{f"chain-{k}": k + 1 for k in ks}}
+    heads_used = {"plain": 1, **{f"chain-{k}": k + 1 for k in ks}}
     if tree is not None:
         heads_used["tree"] = tree.depth + 1
 
-    names = list(modes)
-    for name in names:  # warm-up: first calls build stacked weights, allocate, etc.
-        generate(model, batches[0], min(new_tokens, 16), **modes[name])
-    acc = {m: {"time": 0.0, "tokens": 0, "forwards": 0, "tpf_rows": 0.0, "rows": 0,
-               "exact": True} for m in names}
     print(f"decoding {len(prompts)} prompts x {new_tokens} tokens, batch {args.batch_size}, "
-          f"modes: {', '.join(names)} (interleaved)", flush=True)
-    for i, batch in enumerate(batches):
-        order = names[i % len(names):] + names[: i % len(names)]
-        outs = {}
-        for name in order:
-            res = generate(model, batch, new_tokens, **modes[name])
-            outs[name] = res.tokens
-            a, s = acc[name], res.stats
-            a["time"] += s.wall_time_s
-            a["tokens"] += s.new_tokens
-            a["forwards"] += s.forwards
-            # ratio of sums over all prompts (a mean of per-prompt ratios would overweight
-            # the prompts that needed few forwards)
-            a["tpf_rows"] += s.tokens_per_forward * s.sequence_forwards
-            a["rows"] += s.sequence_forwards
-        for name in names:
-            if outs[name] != outs["greedy"]:
-                acc[name]["exact"] = False
-
-    greedy_tok_s = acc["greedy"]["tokens"] / acc["greedy"]["time"]
-    results: dict[str, dict[str, Any]] = {}
-    for name in names[1:]:
-        a = acc[name]
-        tok_s = a["tokens"] / a["time"]
-        results[name] = {"tokens_per_forward": a["tpf_rows"] / a["rows"],
-                         "speedup": tok_s / greedy_tok_s, "tok_s": tok_s}
+          f"modes: {', '.join(modes)} (interleaved); settings: "
+          f"{', '.join(s.label for s in settings)}", flush=True)
+    print(f"reference: distinct-{NGRAM} of the prompts' real continuations ({new_tokens} tokens "
+          f"of the validation text after each): {_d8(reference)}", flush=True)
+    runs: list[dict[str, Any]] = []
+    lookup = args.prompt_lookup_tokens
+    for setting in settings:
+        decoders = {m: _ours(model, setting, args.seed, kw) for m, kw in modes.items()}
+        if hf is not None and setting.sampling.greedy:
+            decoders[HF_GREEDY] = lambda b, t, i: hf.greedy(b, t)
+            decoders[HF_LOOKUP] = lambda b, t, i: hf.prompt_lookup(b, t, lookup)
+        acc = run_setting(decoders, batches, new_tokens, setting.sampling.greedy)
+        runs.append(_run_result(setting, acc, heads_used, args))
+        print_run(runs[-1], args.batch_size)
+        if hf is not None and setting.sampling.greedy:
+            print(f"{HF_GREEDY}, {HF_LOOKUP}: transformers {hf.version} generate on the "
+                  f"exported trunk + head 1 ({hf.architecture}, "
+                  f"{str(model.tok_embeddings.weight.dtype).removeprefix('torch.')}, "
+                  f"{device.type}); greedy only; speedup over our plain greedy; their "
+                  "tokens/forward counts the prefill forward (it emits the first token)"
+                  + ("; prompt lookup decodes one prompt at a time (transformers refuses "
+                     "batches)" if args.batch_size > 1 else ""))
+        sys.stdout.flush()
+    if hf is not None:
+        hf.close()
 
     widths = sorted({1, *(k + 1 for k in ks), *([tree.size + 1] if tree else [])})
     shapes = [(1, 1)] + [(m, n) for m in widths]
@@ -171,13 +490,7 @@ def main(argv: list[str]) -> int:
                       reps=args.reps)
     t1 = t[(1, n)]
     forward_cost = {str(m): t[(m, n)] / t1 for m in widths}
-
-    rows = [["greedy", 1, 1.0, greedy_tok_s, 1.0, acc["greedy"]["forwards"], "-"]]
-    for name, r in results.items():
-        rows.append([name, heads_used[name], r["tokens_per_forward"], r["tok_s"], r["speedup"],
-                     acc[name]["forwards"], "yes" if acc[name]["exact"] else "NO"])
-    print(format_table(["mode", "heads", "tokens/forward", "tok/s", "speedup", "forwards",
-                        "= greedy"], rows))
+    print()
     if tree is not None:
         print(f"tree: {tree.size} nodes, depth {tree.depth}: {tree.paths}")
     print(f"forward cost T(m)/T(1), all {n} heads, batch {args.batch_size}: " + ", ".join(
@@ -185,11 +498,14 @@ def main(argv: list[str]) -> int:
         + f"  (T(1) = {t1 * 1e3:.2f} ms; plain decoding's forward, head 1 only: "
         f"{t[(1, 1)] * 1e3:.2f} ms = {t[(1, 1)] / t1:.2f} T(1))")
     if args.out_png:
-        _plot(Path(args.out_png), results, heads_used)
+        _plot(Path(args.out_png), runs, reference, max(heads_used.values()))
         print(f"wrote {args.out_png}")
+    measured = [r["exact"] for r in runs if r["exact"] is not None]
     sys.stdout.flush()
-    print_json({"exact": all(a["exact"] for a in acc.values()), "batch_size": args.batch_size,
-                "greedy_tok_s": greedy_tok_s, "modes": results, "forward_cost": forward_cost})
+    print_json({"batch_size": args.batch_size, "prompts": len(prompts), "prompt_len": prompt_len,
+                "new_tokens": new_tokens, "reference": {"distinct_8": reference},
+                "exact": all(measured) if measured else None, "runs": runs,
+                "transformers": hf.version if hf is not None else None, "forward_cost": forward_cost})
     return 0
 
 
