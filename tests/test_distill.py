@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -17,8 +18,19 @@ from helpers_decode import (  # noqa: F401 - one_thread is an autouse fixture
     random_model,
 )
 from multitoken.config import DistillConfig
+from multitoken.decoding.calibrate import prompts_from
 from multitoken.decoding.generate import generate
-from multitoken.distill import distill, distill_loss, draft_head_loss, main
+from multitoken.decoding.sampling import Sampling
+from multitoken.distill import (
+    continuations,
+    distill,
+    distill_loss,
+    draft_agreement,
+    draft_head_loss,
+    expected_acceptance,
+    main,
+    overlap,
+)
 from multitoken.errors import ConfigError, MultitokenError
 
 
@@ -39,6 +51,41 @@ def test_draft_head_loss_equals_hand_computed_sum():
                                                                                        rel=1e-5)
     assert draft_head_loss(student, teacher, off, start, "hard").item() == pytest.approx(hard / n,
                                                                                        rel=1e-5)
+
+
+def test_sampled_soft_loss_is_hand_computed_cross_entropy_over_the_top_p_support():
+    # One scored position (T=4, offset 2, start 1: student at t=1 against teacher at t=3).
+    # At temperature 0.5, teacher logits 0.5*log(r) give head 1's tempered distribution r;
+    # top-p 0.75 keeps 0.5 and 0.3 (the mass before 0.15 is 0.8 >= 0.75), so
+    # p = (0.625, 0.375, 0, 0). The student's tempered distribution is u = (0.5, 0.2, 0.2, 0.1);
+    # the two tokens p drops contribute exactly 0.
+    s = Sampling(temperature=0.5, top_p=0.75)
+    r = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    u = torch.tensor([0.5, 0.2, 0.2, 0.1])
+    student, teacher = torch.randn(1, 4, 4), torch.randn(1, 4, 4)
+    student[0, 1], teacher[0, 3] = 0.5 * u.log(), 0.5 * r.log()
+    expected = -(0.625 * math.log(0.5) + 0.375 * math.log(0.2))  # 1.03686...
+    loss = draft_head_loss(student, teacher, 2, 1, "soft", s)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # finite even where the student's own top-p would drop a token that p keeps (u(1) tiny),
+    # and lowest at u = p: the minimum is the student reproducing p
+    student[0, 1] = 0.5 * torch.tensor([0.999, 1e-6, 5e-4, 5e-4]).log()
+    assert math.isfinite(draft_head_loss(student, teacher, 2, 1, "soft", s).item())
+    entropy = -(0.625 * math.log(0.625) + 0.375 * math.log(0.375))
+    student[0, 1] = 0.5 * torch.tensor([0.625, 0.375, 1e-9, 1e-9]).log()
+    assert draft_head_loss(student, teacher, 2, 1, "soft", s).item() == pytest.approx(entropy,
+                                                                                      rel=1e-5)
+    # greedy keeps today's targets: head 1's plain softmax
+    full = -(torch.softmax(teacher[0, 3], -1) * torch.log_softmax(student[0, 1], -1)).sum()
+    assert draft_head_loss(student, teacher, 2, 1, "soft").item() == pytest.approx(full.item(),
+                                                                                   rel=1e-5)
+
+
+def test_overlap_is_sum_of_min_on_hand_made_distributions():
+    p = torch.tensor([[0.625, 0.375, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.5, 0.2, 0.3, 0.0], [0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert overlap(p, q).tolist() == pytest.approx([0.5 + 0.2, 0.0, 1.0])
+    assert overlap(q, p).tolist() == pytest.approx(overlap(p, q).tolist())
 
 
 def test_distill_loss_touches_only_the_draft_heads():
@@ -85,6 +132,78 @@ def test_distill_raises_agreement_and_keeps_head_1(head_type):
     assert all(not p.requires_grad for p in model.parameters())
 
 
+def sharp_random_model(seed: int = 1):
+    """A random model whose head 1 is confident (scaled unembedding), so that its distribution
+    at T=0.8 / top-p 0.9 keeps a few tokens, not most of the vocabulary."""
+    model = random_model("transformer", seed=seed, max_seq_len=64)
+    with torch.no_grad():
+        model.output.weight.mul_(10.0)
+    return model
+
+
+SAMPLED = dict(temperature=0.8, top_p=0.9)
+
+
+def test_sampled_distillation_raises_expected_acceptance_and_keeps_head_1():
+    original = sharp_random_model()
+    s = Sampling(**SAMPLED)
+    held = continuations(original, prompts_from(pattern_tokens(2000, vocab=37, seed=5), 16, 8),
+                         40, 16, s, torch.Generator().manual_seed(7))
+    base = expected_acceptance(original, held, 7, s)
+    train, val = pattern_tokens(2000, vocab=37, seed=3), pattern_tokens(2000, vocab=37, seed=4)
+    model = copy.deepcopy(original)
+    metrics = distill(model, train, val, DistillConfig(**SMALL, **SAMPLED))
+    before, after = metrics["before"], metrics["after"]
+    assert sum(after["accept"]) / 3 > sum(before["accept"]) / 3 + 0.07, (before, after)
+    assert set(before["greedy"]) == {"top1", "accept", "chain_tokens_per_forward"}
+    assert metrics["config"]["temperature"] == 0.8 and metrics["config"]["top_p"] == 0.9
+    # on text sampled at those settings (not seen in training), the heads distilled for it
+    # are accepted more often than before, and than heads distilled on greedy text
+    greedy_distilled = copy.deepcopy(original)
+    distill(greedy_distilled, train, val, DistillConfig(**SMALL))
+    sampled_acc = expected_acceptance(model, held, 7, s)
+    greedy_acc = expected_acceptance(greedy_distilled, held, 7, s)
+    assert sum(sampled_acc) > sum(base) + 0.2 and sum(sampled_acc) > sum(greedy_acc) + 0.06, (
+        base, sampled_acc, greedy_acc)
+    # every weight but the draft heads' is bit for bit unchanged...
+    new = model.state_dict()
+    for name, t in original.state_dict().items():
+        assert name.startswith(("heads.1.", "heads.2.", "heads.3.")) or torch.equal(t, new[name])
+    # ...so plain decoding, sampled with the same seed or greedy, is unchanged
+    prompts = pattern_tokens(60, vocab=37, seed=9).view(3, 20)
+    for kw in ({}, SAMPLED):
+        ref = generate(original, prompts, 30, generator=torch.Generator().manual_seed(0), **kw)
+        out = generate(model, prompts, 30, generator=torch.Generator().manual_seed(0), **kw)
+        assert out.tokens == ref.tokens
+
+
+def test_expected_acceptance_is_top1_agreement_when_greedy():
+    # greedy: p and q are one-hot, so sum(min(p, q)) = [the argmaxes agree], which on greedy
+    # continuations is the top-1 agreement with the token head 1 decoded
+    model = sharp_random_model(seed=2)
+    seqs = continuations(model, prompts_from(pattern_tokens(500, vocab=37), 4, 8), 24, 4)
+    m = draft_agreement(model, seqs, 7)
+    assert m["accept"] == pytest.approx(m["top1"], abs=1e-6)
+    hot = expected_acceptance(model, seqs, 7, Sampling(temperature=0.05))
+    assert hot == pytest.approx(m["top1"], abs=0.02)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(temperature=-1.0), "distill.temperature"),
+    (dict(temperature=float("nan")), "distill.temperature"),
+    (dict(temperature=float("inf")), "distill.temperature"),
+    (dict(temperature=0.8, top_p=0.0), "distill.top_p"),
+    (dict(temperature=0.8, top_p=1.5), "distill.top_p"),
+    (dict(temperature=0.8, top_k=0), "distill.top_k"),
+    (dict(top_p=0.9), "only when sampling"),
+    (dict(top_k=5), "only when sampling"),
+])
+def test_distill_config_refuses_bad_sampling(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        DistillConfig(**bad).validate()
+    DistillConfig(temperature=0.8, top_k=5, top_p=1.0).validate()
+
+
 def test_distill_refuses_what_it_cannot_do():
     val = pattern_tokens(500, vocab=37)
     with pytest.raises(MultitokenError, match="anticausal"):
@@ -113,6 +232,9 @@ def test_cli_distill_writes_a_new_checkpoint_and_leaves_the_source(tmp_path, cap
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(res["top1_before"]) == 3 and set(res["chain_tpf_after"]) == {"1", "2", "3"}
+    assert len(res["accept_before"]) == len(res["accept_after"]) == 3
+    assert res["sampling"] == {"temperature": 0.0, "top_k": None, "top_p": None}
+    assert "greedy_top1_before" not in res  # greedy: the run's figures are the greedy ones
     assert _digest(ck) == digest  # the source is never modified
     model, _ = load_checkpoint(out)
     meta = json.loads((out / "checkpoint" / "config.json").read_text())
@@ -128,3 +250,21 @@ def test_cli_distill_writes_a_new_checkpoint_and_leaves_the_source(tmp_path, cap
         main(["--checkpoint", str(ck), "--out", str(ck)])
     with pytest.raises(ConfigError, match="expected an integer"):
         main(["--checkpoint", str(ck), "--out", str(tmp_path / "x"), "--steps", "many"])
+
+
+def test_cli_distill_sampled_reports_both_kinds_of_text(tmp_path, capsys):
+    ck = make_checkpoint(tmp_path)
+    out = tmp_path / "distilled"
+    assert main(["--checkpoint", str(ck), "--out", str(out), "--no-progress", "--sequences", "8",
+                 "--prompt-len", "16", "--new-tokens", "24", "--eval-sequences", "4",
+                 "--steps", "2", "--batch-size", "4", "--temperature", "0.8", "--top-k", "20",
+                 "--top-p", "0.95"]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(text.strip().splitlines()[-1])
+    assert res["sampling"] == {"temperature": 0.8, "top_k": 20, "top_p": 0.95}
+    assert all(0.0 <= x <= 1.0 for x in res["accept_before"] + res["accept_after"])
+    assert len(res["greedy_top1_after"]) == 3 and set(res["greedy_chain_tpf_after"]) == {
+        "1", "2", "3"}
+    assert "T=0.8 top-k 20 top-p 0.95" in text and "head 4 sum min(p, q)" in text
+    meta = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert meta["distill"]["temperature"] == 0.8 and meta["distill"]["top_k"] == 20

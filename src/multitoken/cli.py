@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               "  eval       per-head validation loss and accuracy of a checkpoint\n"
               "  generate   decode from a checkpoint (plain or self-speculative)\n"
               "  calibrate  measure head acceptance and forward costs; choose the draft tree\n"
-              "  distill    fine-tune the draft heads on the model's own greedy output\n"
+              "  distill    fine-tune the draft heads on the model's own output (greedy or sampled)\n"
               "  convert    import Meta's MTP release or a HF Llama; export to HF Llama\n"
               "  add-heads  give a trained model more (or fewer) heads; plain decoding unchanged\n"
               "  eval-code  HumanEval pass@k, completions run in a sandbox\n"

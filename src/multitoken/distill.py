@@ -6,13 +6,22 @@ loss), so they predict the corpus's next tokens; head 1's greedy continuations a
 (more repetitive, more "typical") than the corpus, and a head that predicts them is accepted
 more often. This stage closes that gap, as Medusa-2 and EAGLE do for their drafters:
 
-1. decode greedy continuations of prompts from the TRAINING split with head 1 (plain decoding);
+1. decode continuations of prompts from the TRAINING split with head 1 (plain decoding):
+   greedy by default, or sampled at the temperature / top-k / top-p the model will be decoded
+   with (`--temperature`, `--top-k`, `--top-p`), since drafts are verified on exactly that
+   kind of text;
 2. fine-tune heads 2..n on them with the trunk, head 1, the shared norm and the unembedding
    frozen: head i at position t learns head 1's distribution at position t+i-1 (`soft`, the
-   default) or its argmax (`hard`), for positions whose intermediate tokens were decoded
-   (t >= prompt_len - 1), which is exactly the context drafts see while decoding;
-3. measure draft agreement and the chain's tokens per forward before and after on greedy
-   continuations of VALIDATION prompts (never trained on), and save a new checkpoint.
+   default: its softmax when greedy, its processed distribution p -- temperature, top-k,
+   top-p -- when sampling) or its argmax (`hard`), for positions whose intermediate tokens
+   were decoded (t >= prompt_len - 1), which is exactly the context drafts see while decoding;
+3. measure, before and after, on continuations of VALIDATION prompts (never trained on)
+   decoded with the same settings: per draft head the top-1 agreement (its argmax is the
+   token head 1 emitted) and the expected acceptance sum_x min(p(x), q(x)) of a draft sampled
+   from its processed distribution q (the speculative-sampling rule's acceptance), and the
+   chain's tokens per forward with top-1 drafts (replayed); when sampling, also the greedy
+   figures, so that a run for sampling shows what it does to greedy decoding. Then save a new
+   checkpoint.
 
 Because nothing that head 1 reads changes, plain decoding of the distilled checkpoint is
 identical to the original's, bit for bit (tests/test_distill.py checks the weights and the
@@ -37,33 +46,63 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from multitoken import cliargs
 from multitoken.config import DistillConfig, from_dict, load_yaml
+from multitoken.decoding.calibrate import (
+    data_splits,
+    draft_ranks,
+    prompts_from,
+    simulate_tokens_per_forward,
+)
+from multitoken.decoding.generate import generate
+from multitoken.decoding.sampling import Sampling, process_logits
 from multitoken.devices import resolve_device
 from multitoken.errors import ConfigError, MultitokenError
 from multitoken.model import MultiTokenModel
 
+GREEDY = Sampling()
+
 # ---------------------------------------------------------------------------------------------
-# Data: the model's own greedy continuations.
+# Data: the model's own continuations.
 
 
-def greedy_continuations(model: MultiTokenModel, prompts: list[list[int]], new_tokens: int,
-                         batch: int, progress: bool = False, desc: str = "decoding") -> Tensor:
-    """[N, P + new_tokens]: each prompt (all of length P) followed by head 1's greedy
-    continuation (plain decoding, no stop tokens)."""
-    from tqdm.auto import tqdm
+def sampling_of(cfg: DistillConfig) -> Sampling:
+    return Sampling(float(cfg.temperature), cfg.top_k, cfg.top_p)
 
-    from multitoken.decoding.generate import generate
 
+def describe(s: Sampling) -> str:
+    """"greedy" or e.g. "T=0.8 top-p 0.95" (for tables and logs)."""
+    if s.greedy:
+        return "greedy"
+    return " ".join([f"T={s.temperature:g}"] + ([f"top-k {s.top_k}"] if s.top_k else [])
+                    + ([f"top-p {s.top_p:g}"] if s.top_p is not None else []))
+
+
+def continuations(model: MultiTokenModel, prompts: list[list[int]], new_tokens: int,
+                  batch: int, sampling: Sampling = GREEDY,
+                  generator: torch.Generator | None = None, progress: bool = False,
+                  desc: str = "decoding") -> Tensor:
+    """[N, P + new_tokens]: each prompt (all of length P) followed by head 1's continuation
+    (plain decoding, no stop tokens): greedy, or sampled with `sampling` from `generator`."""
     rows: list[list[int]] = []
     starts = range(0, len(prompts), batch)
     for i in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = prompts[i:i + batch]
-        res = generate(model, chunk, new_tokens)
+        res = generate(model, chunk, new_tokens, temperature=sampling.temperature,
+                       top_k=sampling.top_k, top_p=sampling.top_p, generator=generator)
         rows += [p + t for p, t in zip(chunk, res.tokens)]
     device = model.tok_embeddings.weight.device
     return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def processed(logits: Tensor, sampling: Sampling) -> Tensor:
+    """Logits [..., V] -> the distribution decoding draws from: process_logits when sampling,
+    the one-hot argmax when greedy (the limit of temperature -> 0)."""
+    if sampling.greedy:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return process_logits(logits, sampling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,13 +110,29 @@ def greedy_continuations(model: MultiTokenModel, prompts: list[list[int]], new_t
 
 
 def draft_head_loss(student: Tensor, teacher: Tensor, offset: int, start: int,
-                    target: str) -> Tensor:
+                    target: str, sampling: Sampling = GREEDY) -> Tensor:
     """Mean distillation loss of one draft head.
 
     student [B, T, V]: logits of the head with the given offset (head i+1 predicts token t+1+i
     at position t); teacher [B, T, V]: head 1's logits. Position t (start <= t <= T-1-offset)
     is scored against head 1 at t+offset, which predicts the same token t+1+offset.
-    soft: cross-entropy against head 1's softmax; hard: against its argmax.
+    hard: cross-entropy against head 1's argmax. soft, greedy: against head 1's softmax.
+    soft, sampling at temperature T: -sum_x p(x) log u(x), with p = head 1's processed
+    distribution (temperature, top-k, top-p) and u = softmax(student / T).
+
+    Why that form under top-k / top-p: p has exact zeros, and so does the student's processed
+    distribution q. KL(p || q) or CE(p, log q) would take log q = -inf wherever the student's
+    truncation drops a token p keeps (an infinite loss with no useful gradient), and
+    KL(q || p) is infinite wherever q keeps a token p drops. u = softmax(student / T) is q
+    before truncation: it is positive everywhere, so the loss is finite, and a token outside
+    p's support contributes p(x) log u(x) = 0 exactly (no 0 * log 0). The loss equals
+    KL(p || u) + H(p) >= H(p), approached as u -> p, i.e. as the student's tempered
+    distribution puts p's mass on p's support and none elsewhere; then the student's
+    processed q is p: exactly for temperature and top-k (p has at most k tokens), and for
+    top-p up to the tail top-p would cut from p itself (at most 1 - top_p of p's mass, and
+    none unless p's last tokens are tiny). Tokens outside the support are pushed down only as
+    a whole, through the normalisation: their order does not matter once they fall out of the
+    truncation, which is all the draft needs.
     """
     T = student.shape[1]
     s = student[:, start:T - offset].float()
@@ -87,7 +142,10 @@ def draft_head_loss(student: Tensor, teacher: Tensor, offset: int, start: int,
                               f"{offset} from position {start}")
     if target == "hard":
         return F.cross_entropy(s.flatten(0, 1), t.argmax(-1).flatten())
-    return -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean()
+    if sampling.greedy:
+        return -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean()
+    p = process_logits(t, sampling)  # [B, T', V], zeros outside the top-k / top-p support
+    return -(p * (s / sampling.temperature).log_softmax(-1)).sum(-1).mean()
 
 
 def draft_heads(model: MultiTokenModel) -> list[int]:
@@ -104,8 +162,8 @@ def freeze_all_but_draft_heads(model: MultiTokenModel) -> list[torch.nn.Paramete
     return params
 
 
-def distill_loss(model: MultiTokenModel, seqs: Tensor, start: int,
-                 target: str = "soft") -> tuple[Tensor, list[float]]:
+def distill_loss(model: MultiTokenModel, seqs: Tensor, start: int, target: str = "soft",
+                 sampling: Sampling = GREEDY) -> tuple[Tensor, list[float]]:
     """Summed loss of the draft heads on sequences seqs [B, T] (graph attached to the draft
     heads only) and each head's value."""
     T = seqs.shape[1]
@@ -114,7 +172,8 @@ def distill_loss(model: MultiTokenModel, seqs: Tensor, start: int,
         z = model.trunk(seqs, cos, sin)
         teacher = model.unembed(model.head(0, z, cos, sin))
     hs = model.run_heads(z, draft_heads(model), cos, sin)
-    losses = [draft_head_loss(model.unembed(hs[i]), teacher, i, start, target) for i in hs]
+    losses = [draft_head_loss(model.unembed(hs[i]), teacher, i, start, target, sampling)
+              for i in hs]
     return torch.stack(losses).sum(), [float(x.detach()) for x in losses]
 
 
@@ -122,18 +181,62 @@ def distill_loss(model: MultiTokenModel, seqs: Tensor, start: int,
 # Measuring what matters: does head 1 accept the drafts?
 
 
-def draft_agreement(model: MultiTokenModel, seqs: Tensor, start: int) -> dict[str, Any]:
-    """On greedy continuations seqs [N, T]: per draft head, the share of positions t >= start
-    where its argmax equals the token head 1 decoded there; and the tokens per forward that
-    chain speculation with all draft heads achieves on these sequences (replayed)."""
-    from multitoken.decoding.calibrate import draft_ranks, simulate_tokens_per_forward
+def overlap(p: Tensor, q: Tensor) -> Tensor:
+    """sum_x min(p(x), q(x)) over the last dim: the probability that speculative sampling
+    accepts a draft drawn from q when the target is p (accept x with min(1, p(x)/q(x)))."""
+    return torch.minimum(p, q).sum(-1)
 
+
+def expected_acceptance(model: MultiTokenModel, seqs: Tensor, start: int,
+                        sampling: Sampling) -> list[float]:
+    """Per draft head d (offset d), the mean over sequences seqs [N, T] and positions
+    start <= t < T-1-D (those draft_ranks scores) of overlap(p, q): p = head 1's processed
+    distribution at t+d, q = head d+1's processed distribution at t, both for the token t+1+d.
+    Greedy: both are one-hot, and this is the share of positions where the argmaxes agree."""
+    D = model.n_future - 1
+    stop = seqs.shape[1] - 1 - D
+    if stop <= start:
+        raise MultitokenError("sequences too short to measure acceptance")
+    sums = [0.0] * D
+    with torch.inference_mode():
+        for chunk in seqs.split(4):
+            hs = model.hidden(chunk)
+            for d in range(1, D + 1):
+                q = processed(model.unembed(hs[d][:, start:stop]), sampling)  # [b, P, V]
+                p = processed(model.unembed(hs[0][:, start + d:stop + d]), sampling)
+                sums[d - 1] += float(overlap(p, q).sum())
+    n = seqs.shape[0] * (stop - start)
+    return [x / n for x in sums]
+
+
+def draft_agreement(model: MultiTokenModel, seqs: Tensor, start: int,
+                    sampling: Sampling = GREEDY) -> dict[str, Any]:
+    """On continuations seqs [N, T] decoded with `sampling`: per draft head, `top1` = the share
+    of positions t >= start where its argmax equals the token head 1 emitted there, and
+    `accept` = expected_acceptance; and the tokens per forward that chain speculation with
+    top-1 drafts achieves on these sequences (replayed).
+
+    When sampling, top1 is also the acceptance of the head's top-1 draft under the one-hot
+    rule (accepted with probability p(draft), i.e. when the token head 1 samples equals it),
+    and the replay is distributed exactly as that chain decoding; accept is what a draft
+    sampled from the head's q achieves (min(1, p/q) rule)."""
     D = model.n_future - 1
     ranks = draft_ranks(model, seqs, start, max_rank=1)  # 0 = top-1 is head 1's token
     top1 = [float((ranks[..., d] == 0).mean()) for d in range(D)]
     chain = {str(k): simulate_tokens_per_forward(ranks, [(0,) * d for d in range(1, k + 1)])
              for k in range(1, D + 1)}
-    return {"top1": top1, "chain_tokens_per_forward": chain}
+    return {"top1": top1, "accept": expected_acceptance(model, seqs, start, sampling),
+            "chain_tokens_per_forward": chain}
+
+
+def held_out_metrics(model: MultiTokenModel, held: dict[str, Tensor], start: int,
+                     sampling: Sampling) -> dict[str, Any]:
+    """draft_agreement on the held-out continuations at the run's settings, plus (when those
+    sample) on greedy ones under "greedy"."""
+    out = draft_agreement(model, held["run"], start, sampling)
+    if "greedy" in held:
+        out["greedy"] = draft_agreement(model, held["greedy"], start, GREEDY)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,30 +267,37 @@ def check_distillable(model: MultiTokenModel, cfg: DistillConfig) -> None:
 def distill(model: MultiTokenModel, train_tokens: Any, val_tokens: Any, cfg: DistillConfig, *,
             progress: bool = False, log: Any = None) -> dict[str, Any]:
     """Distill the draft heads of `model` in place; returns the metrics (see module docstring)."""
-    from tqdm.auto import tqdm
-
-    from multitoken.decoding.calibrate import prompts_from
     from multitoken.train import warmup_cosine
 
     say = log or (lambda *_: None)
     cfg.validate()
     check_distillable(model, cfg)
     torch.manual_seed(cfg.seed)
-    model.eval()  # no dropout anywhere; eval() only documents that nothing is stochastic
+    model.eval()  # no dropout anywhere; eval() only documents that the forward is deterministic
     n_new = resolve_new_tokens(model, cfg)
     cfg = dataclasses.replace(cfg, new_tokens=n_new)  # recorded as run
     start = cfg.prompt_len - 1
     t0 = time.perf_counter()
 
-    say(f"decoding {cfg.sequences} training and {cfg.eval_sequences} held-out greedy "
+    sampling = sampling_of(cfg)
+    kind = "greedy" if sampling.greedy else f"sampled ({describe(sampling)})"
+    say(f"decoding {cfg.sequences} training and {cfg.eval_sequences} held-out {kind} "
         f"continuations of {n_new} tokens")
-    train = greedy_continuations(model, prompts_from(train_tokens, cfg.sequences, cfg.prompt_len),
-                                 n_new, cfg.gen_batch, progress, "decoding (train)")
-    held = greedy_continuations(model, prompts_from(val_tokens, cfg.eval_sequences,
-                                                    cfg.prompt_len),
-                                n_new, cfg.gen_batch, progress, "decoding (held-out)")
+    device = model.tok_embeddings.weight.device
+    # Two streams from the seed, so the held-out texts do not depend on distill.sequences.
+    gen_train = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen_held = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    train = continuations(model, prompts_from(train_tokens, cfg.sequences, cfg.prompt_len),
+                          n_new, cfg.gen_batch, sampling, gen_train, progress,
+                          "decoding (train)")
+    val_prompts = prompts_from(val_tokens, cfg.eval_sequences, cfg.prompt_len)
+    held = {"run": continuations(model, val_prompts, n_new, cfg.gen_batch, sampling, gen_held,
+                                 progress, "decoding (held-out)")}
+    if not sampling.greedy:
+        held["greedy"] = continuations(model, val_prompts, n_new, cfg.gen_batch, GREEDY, None,
+                                       progress, "decoding (held-out, greedy)")
     gen_s = time.perf_counter() - t0
-    before = draft_agreement(model, held, start)
+    before = held_out_metrics(model, held, start, sampling)
 
     params = freeze_all_but_draft_heads(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -205,7 +315,7 @@ def distill(model: MultiTokenModel, train_tokens: Any, val_tokens: Any, cfg: Dis
                 order, cursor = torch.randperm(len(train), generator=gen), 0
             idx = order[cursor:cursor + cfg.batch_size].to(train.device)
             cursor += cfg.batch_size
-            loss, head_losses = distill_loss(model, train[idx], start, cfg.target)
+            loss, head_losses = distill_loss(model, train[idx], start, cfg.target, sampling)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -221,14 +331,15 @@ def distill(model: MultiTokenModel, train_tokens: Any, val_tokens: Any, cfg: Dis
         for p in model.parameters():
             p.requires_grad_(False)
     train_s = time.perf_counter() - t1
-    after = draft_agreement(model, held, start)
+    after = held_out_metrics(model, held, start, sampling)
     return {"config": dataclasses.asdict(cfg), "before": before, "after": after,
             "history": history, "decode_s": gen_s, "train_s": train_s,
             "train_tokens": int(cfg.steps * cfg.batch_size * (n_new + 1))}
 
 
 def plot(metrics: dict[str, Any], path: Path) -> None:
-    """Loss per draft head over the steps, and held-out agreement per head before/after."""
+    """Loss per draft head over the steps, and per head before/after on held-out text: top-1
+    agreement and expected acceptance sum(min(p, q))."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,21 +347,25 @@ def plot(metrics: dict[str, Any], path: Path) -> None:
 
     hist = metrics["history"]
     D = len(metrics["before"]["top1"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    cfg = metrics["config"]
+    how = describe(Sampling(float(cfg["temperature"]), cfg["top_k"], cfg["top_p"]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for d in range(D):
         axes[0].plot([h["step"] for h in hist], [h["head_loss"][d] for h in hist], lw=1,
                      label=f"head {d + 2}")
-    axes[0].set(xlabel="step", ylabel=f"distillation loss ({metrics['config']['target']})",
-                title="draft heads: loss against head 1")
+    axes[0].set(xlabel="step", ylabel=f"distillation loss ({cfg['target']})",
+                title=f"draft heads: loss against head 1 ({how})")
     axes[0].legend()
-    x = torch.arange(D).tolist()
+    x = list(range(D))
     w = 0.38
-    axes[1].bar([i - w / 2 for i in x], metrics["before"]["top1"], w, label="before")
-    axes[1].bar([i + w / 2 for i in x], metrics["after"]["top1"], w, label="after")
-    axes[1].set_xticks(x, [f"head {d + 2}" for d in range(D)])
-    axes[1].set(ylim=(0, 1), ylabel="top-1 = head 1's greedy token",
-                title="held-out draft agreement")
-    axes[1].legend()
+    panels = [("top1", "top-1 = the token head 1 emitted", "held-out top-1 agreement"),
+              ("accept", "sum min(p, q)", "held-out expected acceptance")]
+    for ax, (key, ylabel, title) in zip(axes[1:], panels):
+        ax.bar([i - w / 2 for i in x], metrics["before"][key], w, label="before")
+        ax.bar([i + w / 2 for i in x], metrics["after"][key], w, label="after")
+        ax.set_xticks(x, [f"head {d + 2}" for d in range(D)])
+        ax.set(ylim=(0, 1), ylabel=ylabel, title=f"{title} ({how})")
+        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -267,8 +382,9 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> cliargs.ArgumentParser:
     p = cliargs.ArgumentParser(prog="multitoken distill", description=(
-        "Fine-tune the draft heads on the model's own greedy continuations (trunk and head 1 "
-        "frozen, so decoding output is unchanged) to raise speculative acceptance."))
+        "Fine-tune the draft heads on the model's own continuations, greedy or sampled "
+        "(--temperature, --top-k, --top-p), with trunk and head 1 frozen so decoding output is "
+        "unchanged, to raise speculative acceptance."))
     p.add_argument("--checkpoint", required=True, help="source checkpoint (never modified)")
     p.add_argument("--out", required=True, help="new run directory for the distilled model")
     p.add_argument("--config", help="YAML file with DistillConfig fields (flags override it)")
@@ -287,8 +403,6 @@ def main(argv: list[str]) -> int:
         read_config,
         save_checkpoint,
     )
-    from multitoken.decoding.calibrate import data_splits
-
     args = build_parser().parse_args(argv)
 
     data = load_yaml(args.config) if args.config else {}
@@ -324,15 +438,41 @@ def main(argv: list[str]) -> int:
     plot(metrics, out / "distill.png")
 
     b, a = metrics["before"], metrics["after"]
-    rows = [[f"head {d + 2}", b["top1"][d], a["top1"][d]] for d in range(len(b["top1"]))]
-    rows += [[f"chain-{k} tokens/forward", b["chain_tokens_per_forward"][k],
-              a["chain_tokens_per_forward"][k]] for k in b["chain_tokens_per_forward"]]
-    print(format_table(["held-out (validation prompts)", "before", "after"], rows))
+    sampling = sampling_of(cfg)
+    print(format_table([f"held-out (validation prompts), {describe(sampling)}", "before",
+                        "after"], _table_rows(b, a)))
+    if "greedy" in b:
+        print(format_table(["held-out (validation prompts), greedy", "before", "after"],
+                           _table_rows(b["greedy"], a["greedy"])))
     print(f"decoded {cfg.sequences} continuations in {metrics['decode_s']:.0f} s, distilled "
           f"{cfg.steps} steps in {metrics['train_s']:.0f} s -> {ckpt}")
     print(f"next: multitoken calibrate --checkpoint {out}", file=sys.stderr)
-    print_json({"checkpoint": str(ckpt), "top1_before": b["top1"], "top1_after": a["top1"],
-                "chain_tpf_before": b["chain_tokens_per_forward"],
-                "chain_tpf_after": a["chain_tokens_per_forward"],
-                "decode_s": round(metrics["decode_s"], 1), "train_s": round(metrics["train_s"], 1)})
+    summary: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k,
+                     "top_p": sampling.top_p},
+        "top1_before": b["top1"], "top1_after": a["top1"],
+        "accept_before": b["accept"], "accept_after": a["accept"],
+        "chain_tpf_before": b["chain_tokens_per_forward"],
+        "chain_tpf_after": a["chain_tokens_per_forward"]}
+    if "greedy" in b:
+        summary |= {"greedy_top1_before": b["greedy"]["top1"],
+                    "greedy_top1_after": a["greedy"]["top1"],
+                    "greedy_chain_tpf_before": b["greedy"]["chain_tokens_per_forward"],
+                    "greedy_chain_tpf_after": a["greedy"]["chain_tokens_per_forward"]}
+    summary |= {"decode_s": round(metrics["decode_s"], 1),
+                "train_s": round(metrics["train_s"], 1)}
+    print_json(summary)
     return 0
+
+
+def _table_rows(b: dict[str, Any], a: dict[str, Any]) -> list[list[Any]]:
+    """Per head top-1 and sum(min(p, q)), then replayed chain tokens per forward."""
+    D = len(b["top1"])
+    rows: list[list[Any]] = [[f"head {d + 2} top-1", b["top1"][d], a["top1"][d]]
+                             for d in range(D)]
+    rows += [[f"head {d + 2} sum min(p, q)", b["accept"][d], a["accept"][d]] for d in range(D)]
+    rows += [[f"chain-{k} tokens/forward (top-1 drafts, replayed)",
+              b["chain_tokens_per_forward"][k], a["chain_tokens_per_forward"][k]]
+             for k in b["chain_tokens_per_forward"]]
+    return rows
