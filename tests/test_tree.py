@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import multitoken.decoding.sampling as sampling
 import multitoken.decoding.speculate as spec
 from helpers_decode import HEAD_TYPES, one_thread, random_model, trained_model  # noqa: F401
 from multitoken.decoding.generate import generate
-from multitoken.decoding.sampling import Sampling
+from multitoken.decoding.sampling import Sampling, residual
 from multitoken.decoding.tree import Tree, default_tree, grow_tree, tree_context
 from multitoken.errors import MultitokenError
 from multitoken.model import KVCache
@@ -102,7 +103,7 @@ def test_num_drafts_caps_tree_depth_and_depth_is_checked():
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling exactness.
+# Sampling exactness: sibling drafts drawn without replacement, recursive rejection sampling.
 
 PROMPT = [3, 5, 7, 9]
 SAMPLING_TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)]
@@ -119,18 +120,121 @@ def test_tree_sampling_matches_exact_distribution(s):
     assert 0.3 < stats.acceptance[0] < 0.99
 
 
-def _no_residual(probs, child_tok, valid, generator):
-    """Wrong: siblings each accepted w.p. p(c), ignoring that earlier siblings were rejected."""
-    p_kid = probs.gather(-1, child_tok) * valid
-    take = valid & (torch.rand(p_kid.shape, generator=generator) < p_kid)
-    return torch.where(take.any(-1), take.int().argmax(-1), valid.shape[-1])
+def test_sampled_siblings_are_distinct_draws():
+    tree = Tree(SAMPLING_TREE)
+    logits = torch.randn(tree.depth, 500, 16)  # [D, B, V]
+    g = torch.Generator().manual_seed(0)
+    drafts = spec.propose(logits, tree, Sampling(1.0), g)
+    assert drafts.tokens.shape == (500, tree.size) and drafts.q.shape == (500, 3, 16)
+    t = tree.tensors(torch.device("cpu"))
+    # the groups: root (3 children), (0,) (2 children), (1,) (1 child)
+    assert t["group_node"].tolist() == [0, 1, 4] and t["group_depth"].tolist() == [0, 1, 1]
+    kids = drafts.tokens[:, [0, 3, 5]]  # the root's children (0,), (1,), (2,)
+    assert (kids[:, 0] != kids[:, 1]).all() and (kids[:, 1] != kids[:, 2]).all()
+    assert (kids[:, 0] != kids[:, 2]).all()
+    # the root's first child is a draw from head 2's distribution: it is not always the argmax
+    assert (kids[:, 0] != logits[0].argmax(-1)).any()
+    # greedy: the ranks, as before
+    greedy = spec.propose(logits, tree, Sampling(0.0), g)
+    top = logits.topk(3, dim=-1).indices  # [D, B, 3]
+    assert greedy.q is None
+    assert greedy.tokens[:, [0, 1, 2, 3, 4, 5]].tolist() == torch.stack(
+        [top[0, :, 0], top[1, :, 0], top[1, :, 1], top[0, :, 1], top[1, :, 0], top[0, :, 2]],
+        dim=1).tolist()
 
 
-def test_the_statistic_catches_a_wrong_sibling_rule(monkeypatch):
+def _sibling_rule(update_residual: bool, remove_drawn: bool):
+    """The recursive rule written out (as in sampling.accept_drafts), with switches that make
+    it wrong. update_residual=False: every sibling is tried against p, and only the final draw
+    uses norm(max(0, p - q)); remove_drawn=False: every sibling is scored against q itself, as
+    i.i.d. draws would be (SpecInfer's rule), not against q with the earlier siblings removed."""
+
+    def accept(probs, q, child_tok, valid, generator):
+        B, M, C = child_tok.shape
+        valid = valid.expand(B, M, C)
+        choice = torch.full((B, M), C)
+        r, left = probs, q
+        rejected_any = torch.zeros(B, M, 1, dtype=torch.bool)
+        for i in range(C):
+            x = child_tok[..., i:i + 1]
+            qi = left / left.sum(-1, keepdim=True)
+            qx, rx = qi.gather(-1, x)[..., 0], r.gather(-1, x)[..., 0]
+            tried = valid[..., i] & (choice == C) & (qx > 0)
+            take = tried & (torch.rand(B, M, generator=generator) * qx < rx)
+            choice = torch.where(take, i, choice)
+            rejected = (tried & ~take)[..., None]
+            rejected_any |= rejected
+            if update_residual:
+                r = torch.where(rejected, residual(r, qi), r)
+            if remove_drawn:
+                left = torch.where(rejected, left.scatter(-1, x, 0.0), left)
+        if not update_residual:
+            r = torch.where(rejected_any, residual(probs, q), probs)
+        return choice, r
+
+    return accept
+
+
+def _iid_draws(q, k, generator):
+    """Siblings drawn i.i.d. (with replacement) from q: duplicates happen."""
+    flat = q.reshape(-1, q.shape[-1])
+    return torch.multinomial(flat, k, replacement=True, generator=generator).view(
+        *q.shape[:-1], k)
+
+
+@pytest.mark.parametrize("patches", [
+    # SpecInfer's multi-step speculative sampling: i.i.d. siblings, each against q
+    {"accept_drafts": _sibling_rule(True, False), "draw_distinct": _iid_draws},
+    # i.i.d. siblings under the rule for draws without replacement: a duplicate of a rejected
+    # sibling has no mass left in q with the drawn tokens removed, so it is skipped
+    {"draw_distinct": _iid_draws},
+    # the rule as written out in this file
+    {"accept_drafts": _sibling_rule(True, True)},
+], ids=["specinfer_iid", "iid_draws_scored_as_distinct", "reference"])
+def test_other_exact_sibling_rules_pass(monkeypatch, patches):
     model = trained_model()
-    s = Sampling(2.0, top_k=4)  # the children hold most of the mass: the rule matters most
+    s = Sampling(2.0, top_k=4)
     expected = exact_joint(model, PROMPT, 3, s)
-    monkeypatch.setattr(spec, "accept_one_hot", _no_residual)
+    duplicates = []
+
+    def iid_draws(q, k, generator):  # records whether siblings repeated a token
+        out = _iid_draws(q, k, generator)
+        duplicates.append(bool((out[..., :1] == out[..., 1:]).any()))
+        return out
+
+    for name, fn in patches.items():
+        monkeypatch.setattr(spec, name, iid_draws if fn is _iid_draws else fn)
+    samples, _ = sample_many(model, PROMPT, 3, s, mode="tree", tree=SAMPLING_TREE)
+    p, df = chi_square_pvalue(samples, expected)
+    assert p > 1e-3, (p, df)
+    assert any(duplicates) == ("draw_distinct" in patches)
+
+
+@pytest.mark.parametrize("patches", [
+    # i.i.d. siblings, each against p: the residual is not updated between siblings
+    {"accept_drafts": _sibling_rule(False, False), "draw_distinct": _iid_draws},
+    # the same with siblings drawn without replacement
+    {"accept_drafts": _sibling_rule(False, True)},
+    # siblings drawn without replacement but scored as i.i.d. draws
+    {"accept_drafts": _sibling_rule(True, False)},
+], ids=["iid_residual_not_updated", "distinct_residual_not_updated", "distinct_scored_as_iid"])
+@pytest.mark.parametrize("s", [Sampling(2.0, top_k=4), Sampling(1.2, top_p=0.9)],
+                         ids=["top_k", "top_p"])
+def test_the_statistic_catches_wrong_sibling_rules(monkeypatch, patches, s):
+    model = trained_model()
+    expected = exact_joint(model, PROMPT, 3, s)
+    for name, fn in patches.items():
+        monkeypatch.setattr(spec, name, fn)
+    samples, _ = sample_many(model, PROMPT, 3, s, mode="tree", tree=SAMPLING_TREE)
+    p, _ = chi_square_pvalue(samples, expected)
+    assert p < 1e-6
+
+
+def test_the_statistic_catches_resampling_from_p(monkeypatch):
+    model = trained_model()
+    s = Sampling(1.5)
+    expected = exact_joint(model, PROMPT, 3, s)
+    monkeypatch.setattr(sampling, "residual", lambda r, q: r)
     samples, _ = sample_many(model, PROMPT, 3, s, mode="tree", tree=SAMPLING_TREE)
     p, _ = chi_square_pvalue(samples, expected)
     assert p < 1e-6

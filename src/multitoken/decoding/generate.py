@@ -209,8 +209,8 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
 
     prompt_ids: one prompt (list of ids), several (list of lists, any lengths), or a tensor
     ([T] or [B, T], all rows prompts of length T). tree: for speculative="tree", a list of paths
-    of top-k ranks, e.g. [(0,), (1,), (0, 0)] (default: `tree.default_tree`); num_drafts then
-    caps its depth. stream: called after every step with the tokens each sequence gained.
+    of child indices, e.g. [(0,), (1,), (0, 0)] (greedy: top-k ranks; sampling: draw order, the
+    tree gives the shape; default: `tree.default_tree`); num_drafts then caps its depth. stream: called after every step with the tokens each sequence gained.
     """
     prompts = as_prompts(prompt_ids)
     sampling = Sampling(float(temperature), top_k, top_p)

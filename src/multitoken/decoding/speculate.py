@@ -2,17 +2,29 @@
 proposes the next ones, in ONE forward.
 
 Chains and trees run the same step (a chain is `Tree.chain(k)`). State between steps, per
-sequence: the root (the last token produced, not yet fed, at position p) and the table of the
-draft heads' top-ranked tokens for positions p+1.., proposed at position p-1; the tree picks its
-nodes from it (node (r_1..r_d) = rank r_d of head d+1). One step:
+sequence: the root (the last token produced, not yet fed, at position p) and the drafts for
+positions p+1.. proposed by the draft heads at position p-1 (`Drafts`: a token per tree node,
+and when sampling the distributions they were drawn from). Which token a node holds
+(`propose`):
+
+- greedy: node (r_1..r_d) = rank r_d of draft head d+1 (the top-ranked tokens, as before);
+- sampling: a node with k children gets k distinct tokens drawn without replacement from q,
+  the processed distribution (same temperature / top-k / top-p as head 1's) of the draft head
+  of the children's depth; child r is draw r+1. A tree, calibrated or default, gives the shape
+  (how many children each node has), not ranks: `calibrate` measures greedy ranks, so a tree
+  it chose is the shape that pays off under greedy decoding, a sensible shape under sampling
+  (earlier draws are likelier tokens on average, as lower ranks are) but not one measured for
+  it.
+
+One step:
 
 1. feeds [root, nodes] at tree positions, into consecutive slots, under the tree mask
    (`tree.tree_context`);
 2. head 1 at every node gives the distribution of the token after it, which verifies that
-   node's children (`sampling`'s rules); the deepest node whose whole path was accepted is
-   kept, and the next token is head 1's argmax there (greedy) or a draw from the residual
-   there (sampling) -- the bonus token;
-3. the draft heads, run at the accepted node only, propose the next table (engine phase 2);
+   node's children (`sampling`'s rules: greedy match, or recursive rejection sampling against
+   q); the deepest node whose whole path was accepted is kept, and the next token is head 1's
+   argmax there (greedy) or a draw from the residual there (sampling) -- the bonus token;
+3. the draft heads, run at the accepted node only, propose the next drafts (engine phase 2);
 4. the accepted path's keys/values move from their node slots to their position slots, unless
    they are in place already (always, for a chain).
 
@@ -30,11 +42,11 @@ from torch import Tensor
 from multitoken.decoding.engine import Engine, prefill
 from multitoken.decoding.sampling import (
     Sampling,
-    accept_one_hot,
+    accept_drafts,
+    draw_distinct,
     greedy_accepts,
     pick,
     process_logits,
-    residual_one_hot,
     sample,
 )
 from multitoken.decoding.tree import Tree, deepest_accepted, tree_context
@@ -51,6 +63,18 @@ class StepOut:
     tried: Tensor  # [B] drafts verified (for per-head acceptance)
 
 
+@dataclass
+class Drafts:
+    """What one step verifies: a draft token per tree node and, when sampling, the
+    distributions they were drawn from."""
+
+    tokens: Tensor  # [B, N] in node order (depth-first)
+    q: Tensor | None = None  # [B, G, V] per sibling group: the draft head's processed distribution
+
+    def select(self, rows: Tensor) -> Drafts:
+        return Drafts(self.tokens[rows], None if self.q is None else self.q[rows])
+
+
 def top_candidates(logits: Tensor, r: int) -> Tensor:
     """Draft heads' logits [D, B, V] -> the table of candidates [B, D, r] (ranks 0..r-1)."""
     if r == 1:  # a chain: argmax is cheaper than topk
@@ -58,46 +82,65 @@ def top_candidates(logits: Tensor, r: int) -> Tensor:
     return logits.topk(r, dim=-1).indices.permute(1, 0, 2)
 
 
-def verify(logits: Tensor, tok: Tensor, t: dict[str, Tensor], sampling: Sampling,
-           generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Head 1's logits at every node [B, N+1, V] and the node tokens [B, N+1] -> (the deepest
-    accepted node [B], the next token [B])."""
+def propose(logits: Tensor, tree: Tree, sampling: Sampling,
+            generator: torch.Generator | None) -> Drafts:
+    """Draft heads' logits [D, B, V] at the last accepted position -> the tree's drafts."""
+    t = tree.tensors(logits.device)
+    if sampling.greedy:
+        table = top_candidates(logits, tree.max_rank)  # [B, D, R]
+        # a chain's nodes are the top-1 drafts in order
+        return Drafts(table[:, :, 0] if tree.is_chain else table.flatten(1)[:, t["table_index"]])
+    # Every group's children come from the head of their depth: the same q for every group at
+    # one depth, drawn independently per group.
+    q = process_logits(logits.transpose(0, 1), sampling)  # [B, D, V]
+    if not tree.is_chain:  # a chain's groups are its depths
+        q = q[:, t["group_depth"]]  # [B, G, V]
+    draws = draw_distinct(q, t["group_children"].shape[1], generator)  # [B, G, C]
+    return Drafts(draws.flatten(1)[:, t["draw_index"]], q)
+
+
+def verify(logits: Tensor, tok: Tensor, q: Tensor | None, t: dict[str, Tensor],
+           sampling: Sampling, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Head 1's logits at every node [B, N+1, V], the node tokens [B, N+1] and, when sampling,
+    the groups' draft distributions q [B, G, V] -> (the deepest accepted node [B], the next
+    token [B])."""
     if sampling.greedy:
         pred = logits.argmax(-1)  # [B, N+1]
         acc = deepest_accepted(greedy_accepts(tok, pred[:, t["parent"]]), t)
         return acc, pred.gather(1, acc[:, None]).squeeze(1)
+    assert q is not None
     probs = process_logits(logits, sampling)  # [B, N+1, V]
-    valid = t["child_valid"]  # [N+1, C]
-    kid_tok = tok[:, t["child_index"]]  # [B, N+1, C] (a missing child reads the root's token)
-    choice = accept_one_hot(probs, kid_tok, valid, generator)  # [B, N+1], C = none
+    kid_tok = tok[:, t["group_child_index"]]  # [B, G, C] (a missing child reads the root's)
+    choice, stop = accept_drafts(probs[:, t["group_node"]], q, kid_tok, t["group_valid"],
+                                 generator)  # [B, G] (C = none), [B, G, V]
     # node j is accepted when its parent's choice is j's place among the siblings
-    acc = deepest_accepted(choice[:, t["parent"]] == t["child_pos"], t)
+    acc = deepest_accepted(choice[:, t["parent_group"]] == t["child_pos"], t)
     rows = torch.arange(tok.shape[0], device=tok.device)
-    # At the accepted node every child was tried and rejected (none at a leaf).
-    final = residual_one_hot(probs[rows, acc], kid_tok[rows, acc], valid[acc])
+    # At the accepted node every child was rejected: draw from what is left there (from p at a
+    # leaf).
+    g = t["node_group"][acc]  # [B]
+    final = torch.where((g >= 0)[:, None], stop[rows, g.clamp(min=0)], probs[rows, acc])
     return acc, sample(final, generator)
 
 
-def speculate_step(engine: Engine, cache: KVCache, tree: Tree, root: Tensor, table: Tensor,
+def speculate_step(engine: Engine, cache: KVCache, tree: Tree, root: Tensor, drafts: Drafts,
                    base: Tensor, kv_len: int, sampling: Sampling,
-                   generator: torch.Generator | None) -> tuple[StepOut, Tensor, Tensor]:
-    """One step. root [B] at positions base [B]; table [B, D, R]: the top-R tokens of draft heads
-    2..D+1. Returns (what the step appends, the next root [B], the next table [B, D, R])."""
+                   generator: torch.Generator | None) -> tuple[StepOut, Tensor, Drafts]:
+    """One step. root [B] at positions base [B]; drafts: the tree's nodes, proposed by draft
+    heads 2..D+1. Returns (what the step appends, the next root [B], the next drafts)."""
     t = tree.tensors(root.device)
-    # [B, N]: a chain's nodes are the top-1 drafts in order
-    nodes = table[:, :, 0] if tree.is_chain else table.flatten(1)[:, t["table_index"]]
-    inp = torch.cat([root[:, None], nodes], dim=1)  # [B, N+1]
+    inp = torch.cat([root[:, None], drafts.tokens], dim=1)  # [B, N+1]
     fwd = engine.forward(inp, base[:, None] + t["depth"], tree_context(cache, base, tree, kv_len))
-    acc, nxt = verify(engine.logits(fwd.h0), inp, t, sampling, generator)
+    acc, nxt = verify(engine.logits(fwd.h0), inp, drafts.q, t, sampling, generator)
     emit = t["emit"][acc]  # [B, D+3]
     D = tree.depth
     tokens = torch.cat([inp, nxt[:, None]], dim=1).gather(1, emit[:, :D + 1])  # path, bonus
     # Next drafts from the accepted node, attending through the tree mask: before compaction.
-    new_table = top_candidates(engine.draft_logits(engine.draft_hidden(fwd, acc)), table.shape[2])
+    new = propose(engine.draft_logits(engine.draft_hidden(fwd, acc)), tree, sampling, generator)
     if not tree.is_chain and not bool(t["in_place"][acc].all()):
         d = torch.arange(1, D + 1, device=base.device)
         cache.copy_slots(base[:, None] + t["path_nodes"][acc], base[:, None] + d)
-    return StepOut(tokens, emit[:, D + 1], emit[:, D + 2]), nxt, new_table
+    return StepOut(tokens, emit[:, D + 1], emit[:, D + 2]), nxt, new
 
 
 class SpeculativeDecoder:
@@ -122,14 +165,15 @@ class SpeculativeDecoder:
         h = fwd.h0[torch.arange(idx.shape[0], device=idx.device), last]
         self.tok = pick(self.engine.logits(h), self.sampling, self.generator)
         hidden = self.engine.draft_hidden(fwd, last)
-        self.table = top_candidates(self.engine.draft_logits(hidden), self.tree.max_rank)
+        self.drafts = propose(self.engine.draft_logits(hidden), self.tree, self.sampling,
+                              self.generator)
         return self.tok
 
     def select(self, rows: Tensor) -> None:
-        self.tok, self.table = self.tok[rows], self.table[rows]
+        self.tok, self.drafts = self.tok[rows], self.drafts.select(rows)
 
     def step(self, cache: KVCache, pos: Tensor, kv_len: int) -> StepOut:
-        out, self.tok, self.table = speculate_step(
-            self.engine, cache, self.tree, self.tok, self.table, pos, kv_len, self.sampling,
+        out, self.tok, self.drafts = speculate_step(
+            self.engine, cache, self.tree, self.tok, self.drafts, pos, kv_len, self.sampling,
             self.generator)
         return out

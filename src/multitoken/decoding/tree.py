@@ -1,11 +1,18 @@
 """Draft trees: which draft tokens one speculation step verifies, and how they attend.
 
-A static tree of candidates: a node is a path (r_1, ..., r_d) of top-k ranks, meaning "rank
-r_1 of head 2, then rank r_2 of head 3, ...", all read at the last accepted position (draft
-head d+1 proposes the token d+1 places ahead). A chain of k drafts (blockwise parallel
-decoding, Stern et al. 2018) is the tree `Tree.chain(k)`: (0,), (0, 0), ..., the top-1 draft
-of each of heads 2..k+1. The root is the token just produced (not yet fed, at position p). One
-forward feeds [root, nodes...] with
+A static tree of candidates: a node is a path (r_1, ..., r_d), meaning "child r_1 of the root,
+then child r_2 of that node, ...": node (r_1..r_d) holds a draft for the token d places after
+the root, proposed by draft head d+1 at the last accepted position. What child r is depends on
+the decoding (`speculate.propose`):
+
+- greedy: rank r of the draft head, i.e. "rank r_1 of head 2, then rank r_2 of head 3, ...";
+- sampling: the (r+1)-th of the node's children drawn without replacement from the draft head's
+  processed distribution. The tree then gives the shape only (how many children each node has);
+  the tokens are drawn anew at every step, independently for every node's children.
+
+A chain of k drafts (blockwise parallel decoding, Stern et al. 2018) is the tree
+`Tree.chain(k)`: (0,), (0, 0), ..., one draft from each of heads 2..k+1. The root is the token
+just produced (not yet fed, at position p). One forward feeds [root, nodes...] with
 
     positions   p + depth(node)          (tree positions: siblings share a position)
     slots       p, p+1, ..., p+N         (consecutive cache slots, one per node)
@@ -79,6 +86,9 @@ class Tree:
         for j in range(1, n):
             kids[parent[j]].append(j)  # depth-first order = rank order among siblings
         width = max(len(c) for c in kids)
+        child_pos = [-1] + [kids[parent[j]].index(j) for j in range(1, n)]
+        groups = [j for j in range(n) if kids[j]]  # the nodes with children
+        group = {j: g for g, j in enumerate(groups)}
         return {
             "depth": [len(p) for p in nodes],
             "parent": parent,
@@ -87,7 +97,17 @@ class Tree:
             "in_place": [pn == list(range(1, D + 1)) for pn in path_nodes],
             "children": [c + [-1] * (width - len(c)) for c in kids],
             # j's place among its parent's children (the root: -1)
-            "child_pos": [-1] + [kids[parent[j]].index(j) for j in range(1, n)],
+            "child_pos": child_pos,
+            # Sibling groups (sampling draws and verifies a node's children together): the
+            # nodes with children, their depths (= the draft distribution their children are
+            # drawn from), their children; each node's group (-1: a leaf) and its parent's
+            # group (the root: 0, never read); node j's draw among [B, groups * width] draws.
+            "group_node": groups,
+            "group_depth": [len(nodes[j]) for j in groups],
+            "group_children": [kids[j] + [-1] * (width - len(kids[j])) for j in groups],
+            "node_group": [group.get(j, -1) for j in range(n)],
+            "parent_group": [0] + [group[parent[j]] for j in range(1, n)],
+            "draw_index": [group[parent[j]] * width + child_pos[j] for j in range(1, n)],
             # node j's token in the draft table [B, D, max_rank] flattened to [B, D * max_rank]
             "table_index": [(len(p) - 1) * self.max_rank + p[-1] for p in self.paths],
             # What a step that accepts node j appends, as indices into [node tokens, next token]:
@@ -108,20 +128,23 @@ class Tree:
         depth, parent [N+1]; anc [N+1, N+1] (anc[j, i]: node i is on node j's path, j
         included); path_nodes [N+1, D] (the nodes of j's path by depth, padded with slot
         indices); in_place [N+1] (j's path needs no compaction); children [N+1, C] (-1 = none),
-        child_pos [N+1] (j's place among its siblings), child_valid and child_index [N+1, C]
-        (children >= 0, children clamped to 0); emit [N+1, D+3]; table_index [N] (each node's
-        entry in the draft table flattened); plus, for the step's arithmetic: mask_table [N+1, N+3] (the mask row of each node over
-        slot - root slot + 1, clamped to 0..N+2: column 0 = the prefix (True), 1..N+1 = the
-        tree, N+2 = past it (False)), path_t [N+1, N+1] (anc transposed, float, without the
-        root), path_bias [N+1] (see `deepest_accepted`) and arange [N+1].
+        child_pos [N+1] (j's place among its siblings); emit [N+1, D+3]; table_index [N] (each
+        node's entry in the greedy draft table flattened); the sibling groups (the G nodes with
+        children): group_node, group_depth [G], group_children [G, C], group_valid and
+        group_child_index [G, C] (group_children >= 0, clamped to 0), node_group and
+        parent_group [N+1], draw_index [N]; plus, for the step's arithmetic: mask_table
+        [N+1, N+3] (the mask row of each node over slot - root slot + 1, clamped to 0..N+2:
+        column 0 = the prefix (True), 1..N+1 = the tree, N+2 = past it (False)), path_t
+        [N+1, N+1] (anc transposed, float, without the root), path_bias [N+1] (see
+        `deepest_accepted`) and arange [N+1].
         """
         if device not in self._tensors:
             t = {k: torch.tensor(v, device=device) for k, v in self._tables.items()}
             n = self.size + 1
             ones = torch.ones(n, 1, dtype=torch.bool, device=device)
             t["mask_table"] = torch.cat([ones, t["anc"], ~ones], dim=1)
-            t["child_valid"] = t["children"] >= 0
-            t["child_index"] = t["children"].clamp(min=0)
+            t["group_valid"] = t["group_children"] >= 0
+            t["group_child_index"] = t["group_children"].clamp(min=0)
             path_t = t["anc"].float().t().contiguous()
             path_t[0] = 0.0  # the root was produced by the previous step: not verified
             t["path_t"] = path_t
