@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from multitoken.config import ModelConfig, from_dict
 from multitoken.errors import CheckpointError, ConfigError
 from multitoken.model import MultiTokenModel
+from multitoken.tokenizer import load_tokenizer
 
 FORMAT = "multitoken/1"
 CONFIG = "config.json"
@@ -228,8 +229,6 @@ def load_state_dict_checked(model: MultiTokenModel, tensors: dict[str, torch.Ten
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[MultiTokenModel, Any]:
     """Load (model, tokenizer) from a checkpoint directory (or a run directory holding one)."""
-    from multitoken.tokenizer import load_tokenizer
-
     ckpt = find_checkpoint(path)
     meta = read_config(ckpt)
     cfg = model_config_from(meta, ckpt / CONFIG)

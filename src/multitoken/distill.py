@@ -49,6 +49,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from multitoken import cliargs
+from multitoken.bench.common import format_table, print_json
+from multitoken.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    new_output_dir,
+    read_config,
+    save_checkpoint,
+)
 from multitoken.config import DistillConfig, from_dict, load_yaml
 from multitoken.decoding.calibrate import (
     data_splits,
@@ -61,6 +69,7 @@ from multitoken.decoding.sampling import Sampling, process_logits
 from multitoken.devices import resolve_device
 from multitoken.errors import ConfigError, MultitokenError
 from multitoken.model import MultiTokenModel
+from multitoken.schedule import warmup_cosine
 
 GREEDY = Sampling()
 
@@ -267,8 +276,6 @@ def check_distillable(model: MultiTokenModel, cfg: DistillConfig) -> None:
 def distill(model: MultiTokenModel, train_tokens: Any, val_tokens: Any, cfg: DistillConfig, *,
             progress: bool = False, log: Any = None) -> dict[str, Any]:
     """Distill the draft heads of `model` in place; returns the metrics (see module docstring)."""
-    from multitoken.train import warmup_cosine
-
     say = log or (lambda *_: None)
     cfg.validate()
     check_distillable(model, cfg)
@@ -395,14 +402,6 @@ def build_parser() -> cliargs.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from multitoken.bench.common import format_table, print_json
-    from multitoken.checkpoint import (
-        find_checkpoint,
-        load_checkpoint,
-        new_output_dir,
-        read_config,
-        save_checkpoint,
-    )
     args = build_parser().parse_args(argv)
 
     data = load_yaml(args.config) if args.config else {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import shutil
 import signal
@@ -43,6 +42,7 @@ from multitoken.runs import (
     resume_config,
     send_test_signal,
 )
+from multitoken.schedule import warmup_cosine
 from multitoken.tokenizer import load_tokenizer
 
 
@@ -56,19 +56,6 @@ def autocast_factory(device: torch.device, dtype: str) -> Callable[[], Any]:
 def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     """Linear warmup, then cosine decay to min_lr_ratio * lr at the last step."""
     return warmup_cosine(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
-
-
-def warmup_cosine(warm: int, total: int, floor: float) -> Callable[[int], float]:
-    """LR factor per step: linear warmup over `warm` steps, then cosine decay to `floor` at
-    step `total` (and `floor` after it)."""
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
@@ -345,4 +332,4 @@ def fmt(xs: list[float]) -> str:
     return " ".join(f"{x:.3f}" for x in xs)
 
 
-__all__ = ["TrainingInterrupted", "evaluate", "resume_config", "train", "warmup_cosine"]
+__all__ = ["TrainingInterrupted", "evaluate", "resume_config", "train"]
