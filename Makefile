@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # train -> fit the draft heads to the model's own greedy output -> plain vs speculative decoding
+# (sampled at T=0.8 / top-p 0.95, then greedy, each with the distinct-8-gram ratio of its text)
 demo: setup
 	$(BIN)/multitoken train --config configs/demo.yaml --out $(DEMO_DIR)
 	$(BIN)/multitoken distill --checkpoint $(DEMO_DIR) --out $(DEMO_DIR)/distilled --sequences 256 --prompt-len 64 --new-tokens 128 --steps 150
-	$(BIN)/multitoken bench decode --checkpoint $(DEMO_DIR)/distilled --prompts 4 --prompt-len 64 --new-tokens 128 --out-png $(DEMO_DIR)/decode.png
+	$(BIN)/multitoken bench decode --checkpoint $(DEMO_DIR)/distilled --prompts 4 --prompt-len 64 --new-tokens 128 --sampling 0.8:0.95,greedy --out-png $(DEMO_DIR)/decode.png
 
 test: setup
 	$(BIN)/python -m pytest
