@@ -35,9 +35,9 @@ from multitoken.config import (
     TrainConfig,
 )
 from multitoken.data import prepare_data
-from multitoken.errors import CheckpointError, MultitokenError
+from multitoken.errors import CheckpointError, ConfigError, MultitokenError
 from multitoken.model import MultiTokenModel
-from multitoken.tokenizer import Tokenizer
+from multitoken.tokenizer import ByteTokenizer, Tokenizer
 from multitoken.train import train
 
 SCALES = ("full", "quick", "test")  # "test": the smallest sweep, for the test suite (hidden)
@@ -182,6 +182,43 @@ def code_data(max_files: int, out: Path) -> DataConfig:
     """The default code corpus (`data.paths` empty = the stdlib), bytes, capped at max_files."""
     return DataConfig(paths=[], tokenizer="bytes", max_files=max_files,
                       cache_dir=str(out / "cache"))
+
+
+@dataclass(frozen=True)
+class CodeScale:
+    """One scale of a byte-level experiment on the code corpus: the models (one per n_future),
+    their training, and the held-out prompts they decode."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_futures: tuple[int, ...]
+    steps: int
+    batch_size: int
+    seq_len: int
+    max_files: int
+    eval_batches: int
+    prompts: int
+    prompt_len: int
+    new_tokens: int
+    seeds: int
+    lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        # Decoding stays within the trained context: positions past train.seq_len were never
+        # trained, and text generated there would say little about the model.
+        if self.prompt_len + self.new_tokens > self.seq_len:
+            raise ConfigError(f"prompt_len + new_tokens ({self.prompt_len} + {self.new_tokens}) "
+                              f"exceeds seq_len ({self.seq_len})")
+
+    def run_config(self, n_future: int, seed: int, out: Path) -> RunConfig:
+        """The byte-level model with `n_future` heads at this scale, trained on the code corpus."""
+        model = ModelConfig(vocab_size=ByteTokenizer.vocab_size, dim=self.dim,
+                            n_layers=self.n_layers, n_heads=self.n_heads, n_future=n_future,
+                            max_seq_len=self.seq_len)
+        return run_config(model, code_data(self.max_files, out), steps=self.steps,
+                          batch_size=self.batch_size, seq_len=self.seq_len, seed=seed, lr=self.lr,
+                          eval_batches=self.eval_batches)
 
 
 def validation_windows(data: DataConfig, tokenizer: Tokenizer, n: int, prompt_len: int,

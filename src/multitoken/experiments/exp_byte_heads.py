@@ -16,68 +16,38 @@ initialisation and the batch order; the corpus is the same for every seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from matplotlib.axes import Axes
 
-from multitoken.config import ModelConfig
 from multitoken.decoding.generate import generate
-from multitoken.errors import ConfigError
 from multitoken.experiments.common import (
+    CodeScale,
     Experiment,
     Job,
     bits_per_byte,
-    code_data,
     distinct_ngram_ratio,
     errorbar_series,
     format_params,
     group_rows,
     markdown_table,
     metric_values,
-    run_config,
     save_figure,
     stats_cell,
     validation_windows,
 )
 from multitoken.model import MultiTokenModel
-from multitoken.tokenizer import ByteTokenizer, Tokenizer
+from multitoken.tokenizer import Tokenizer
 
-
-@dataclass(frozen=True)
-class ByteHeadsScale:
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_future: int
-    steps: int
-    batch_size: int
-    seq_len: int
-    max_files: int
-    eval_batches: int
-    prompts: int
-    prompt_len: int
-    new_tokens: int
-    seeds: int
-    lr: float = 3e-3
-
-    def __post_init__(self) -> None:
-        # Decoding stays within the trained context: positions past train.seq_len were never
-        # trained, and text generated there would say little about the model.
-        if self.prompt_len + self.new_tokens > self.seq_len:
-            raise ConfigError(f"prompt_len + new_tokens ({self.prompt_len} + {self.new_tokens}) "
-                              f"exceeds seq_len ({self.seq_len})")
-
-
-SCALES: dict[str, ByteHeadsScale] = {
-    "full": ByteHeadsScale(dim=96, n_layers=10, n_heads=4, n_future=8, steps=2800,
+SCALES: dict[str, CodeScale] = {
+    "full": CodeScale(dim=96, n_layers=10, n_heads=4, n_futures=(8,), steps=2800,
                            batch_size=16, seq_len=128, max_files=300, eval_batches=32,
                            prompts=32, prompt_len=32, new_tokens=96, seeds=3),
-    "quick": ByteHeadsScale(dim=48, n_layers=9, n_heads=4, n_future=8, steps=150, batch_size=8,
+    "quick": CodeScale(dim=48, n_layers=9, n_heads=4, n_futures=(8,), steps=150, batch_size=8,
                             seq_len=128, max_files=30, eval_batches=8, prompts=3, prompt_len=32,
                             new_tokens=64, seeds=1),
-    "test": ByteHeadsScale(dim=32, n_layers=9, n_heads=2, n_future=8, steps=2, batch_size=2,
+    "test": CodeScale(dim=32, n_layers=9, n_heads=2, n_futures=(8,), steps=2, batch_size=2,
                            seq_len=64, max_files=6, eval_batches=1, prompts=2, prompt_len=16,
                            new_tokens=16, seeds=1),
 }
@@ -92,30 +62,24 @@ class ByteHeadsExperiment(Experiment):
     name = "byte-heads"
     summary = "byte-level n_future=8: tokens/forward, speedup, exactness vs heads used (S3)"
 
-    def scale(self, name: str) -> ByteHeadsScale:
+    def scale(self, name: str) -> CodeScale:
         return SCALES[name]
 
-    def default_seeds(self, scale: ByteHeadsScale) -> int:
+    def default_seeds(self, scale: CodeScale) -> int:
         return scale.seeds
 
-    def jobs(self, scale: ByteHeadsScale, seeds: Sequence[int], out: Path) -> list[Job]:
+    def jobs(self, scale: CodeScale, seeds: Sequence[int], out: Path) -> list[Job]:
         jobs = []
         for seed in seeds:
-            model = ModelConfig(vocab_size=ByteTokenizer.vocab_size, dim=scale.dim,
-                                n_layers=scale.n_layers, n_heads=scale.n_heads,
-                                n_future=scale.n_future,
-                                max_seq_len=scale.seq_len)
-            cfg = run_config(model, code_data(scale.max_files, out), steps=scale.steps,
-                             batch_size=scale.batch_size, seq_len=scale.seq_len, seed=seed,
-                             lr=scale.lr, eval_batches=scale.eval_batches)
-            jobs.append(Job(f"n{scale.n_future}-s{seed}", seed, cfg))
+            cfg = scale.run_config(scale.n_futures[0], seed, out)
+            jobs.append(Job(f"n{scale.n_futures[0]}-s{seed}", seed, cfg))
         return jobs
 
-    def prepare(self, job: Job, scale: ByteHeadsScale, out: Path) -> None:
+    def prepare(self, job: Job, scale: CodeScale, out: Path) -> None:
         """Nothing to write: the corpus ships with Python."""
 
     def evaluate(self, job: Job, model: MultiTokenModel, tokenizer: Tokenizer,
-                 train_result: dict[str, Any], scale: ByteHeadsScale, out: Path
+                 train_result: dict[str, Any], scale: CodeScale, out: Path
                  ) -> dict[str, Any]:
         prompts, reference = validation_windows(job.cfg.data, tokenizer, scale.prompts,
                                                 scale.prompt_len, scale.new_tokens)

@@ -20,20 +20,17 @@ every seed, so seeds pair the n values on identical data.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from matplotlib.axes import Axes
 
-from multitoken.config import ModelConfig
 from multitoken.decoding.generate import generate
-from multitoken.errors import ConfigError
 from multitoken.experiments.common import (
+    CodeScale,
     Experiment,
     Job,
     bits_per_byte,
-    code_data,
     distinct_ngram_ratio,
     errorbar_series,
     format_params,
@@ -41,39 +38,12 @@ from multitoken.experiments.common import (
     markdown_table,
     metric_values,
     paired_diff,
-    run_config,
     save_figure,
     stats_cell,
     validation_windows,
 )
 from multitoken.model import MultiTokenModel
-from multitoken.tokenizer import ByteTokenizer, Tokenizer
-
-
-@dataclass(frozen=True)
-class CodeScale:
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_futures: tuple[int, ...]
-    steps: int
-    batch_size: int
-    seq_len: int
-    max_files: int
-    eval_batches: int
-    prompts: int
-    prompt_len: int
-    new_tokens: int
-    seeds: int
-    lr: float = 3e-3
-
-    def __post_init__(self) -> None:
-        # Decoding stays within the trained context: positions past train.seq_len were never
-        # trained, and text generated there would say little about the model.
-        if self.prompt_len + self.new_tokens > self.seq_len:
-            raise ConfigError(f"prompt_len + new_tokens ({self.prompt_len} + {self.new_tokens}) "
-                              f"exceeds seq_len ({self.seq_len})")
-
+from multitoken.tokenizer import Tokenizer
 
 SCALES: dict[str, CodeScale] = {
     "full": CodeScale(dim=96, n_layers=10, n_heads=4, n_futures=(1, 2, 4, 8), steps=800,
@@ -102,12 +72,7 @@ class NtpVsMtpExperiment(Experiment):
         jobs = []
         for seed in seeds:
             for n in scale.n_futures:
-                model = ModelConfig(vocab_size=ByteTokenizer.vocab_size, dim=scale.dim,
-                                    n_layers=scale.n_layers, n_heads=scale.n_heads, n_future=n,
-                                    max_seq_len=scale.seq_len)
-                cfg = run_config(model, code_data(scale.max_files, out), steps=scale.steps,
-                                 batch_size=scale.batch_size, seq_len=scale.seq_len, seed=seed,
-                                 lr=scale.lr, eval_batches=scale.eval_batches)
+                cfg = scale.run_config(n, seed, out)
                 jobs.append(Job(f"n{n}-s{seed}", seed, cfg,
                                 {"dim": scale.dim, "n_layers": scale.n_layers}))
         return jobs
