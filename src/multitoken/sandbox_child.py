@@ -338,9 +338,9 @@ def main() -> None:
         os.close(alive_r)
         lines: list[str] = []
         # Setup is trusted code; the program's clock starts when init says "started".
-        done = _read_until_started(status_r, time.monotonic() + 60.0, lines)
+        done = _read_lines(status_r, time.monotonic() + 60.0, lines, until="started")
         if not done and lines[-1:] == ["started"]:
-            done = _read_to_eof(status_r, time.monotonic() + cfg["timeout_s"], lines)
+            done = _read_lines(status_r, time.monotonic() + cfg["timeout_s"], lines)
             report["timed_out"] = not done
         if not done:
             os.kill(pid, signal.SIGKILL)
@@ -357,8 +357,9 @@ def main() -> None:
         json.dump(report, f)
 
 
-def _read_until_started(fd: int, deadline: float, lines: list[str]) -> bool:
-    """Read init's lines until "started" (False: keep going), EOF (True) or the deadline."""
+def _read_lines(fd: int, deadline: float, lines: list[str], until: str | None = None) -> bool:
+    """Read init's lines into `lines` until the line `until` (False: keep going), EOF (True)
+    or the deadline (False)."""
     while True:
         got = _read_line(fd, deadline)
         if got is None:
@@ -366,19 +367,8 @@ def _read_until_started(fd: int, deadline: float, lines: list[str]) -> bool:
         if got == "":
             return False
         lines.append(got)
-        if got == "started":
+        if until is not None and got == until:
             return False
-
-
-def _read_to_eof(fd: int, deadline: float, lines: list[str]) -> bool:
-    """Read init's lines until EOF (True) or the deadline (False)."""
-    while True:
-        got = _read_line(fd, deadline)
-        if got is None:
-            return True
-        if got == "":
-            return False
-        lines.append(got)
 
 
 _pending = bytearray()
