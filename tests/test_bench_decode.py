@@ -100,6 +100,35 @@ def test_json_carries_distinct_8_for_every_mode_and_the_reference(ck, capsys):
     assert "distinct-8" in out and "real continuations" in out
 
 
+def test_acceptance_is_pooled_over_prompts_and_step_cost_explains_speedup(ck, capsys):
+    res, out = _bench(capsys, "--checkpoint", str(ck), *TINY, "--heads", "3", "--no-tree")
+    modes = res["runs"][0]["modes"]
+    model, tok = load_checkpoint(ck)
+    prompts, _ = bench_decode.prompts_and_continuations(validation_tokens(ck, tok), 2, 16, 14)
+    # greedy is deterministic: redo each prompt (batch 1) and pool the counts by hand
+    tried, took = [0, 0, 0], [0, 0, 0]
+    for p in prompts:
+        st = generate(model, [p], 14, speculative="chain", num_drafts=3).stats
+        for d, (t, a) in enumerate(zip(st.draft_attempts, st.draft_accepted)):
+            tried[d] += t
+            took[d] += a
+        assert [a / t for a, t in zip(st.draft_accepted, st.draft_attempts)] == st.acceptance
+    want = [a / t for a, t in zip(took, tried) if t]
+    assert modes["chain-3"]["acceptance"] == pytest.approx(want)
+    assert modes["plain"]["acceptance"] == [] and modes["plain"]["step_cost"] == 1.0
+    c = modes["chain-3"]
+    assert c["step_cost"] > 0
+    # speedup = (tokens / s) / plain's = tokens/forward / step cost, up to the prefill and the
+    # first token (which no decode forward appends), both a large share of 14 new tokens
+    assert c["speedup"] == pytest.approx(c["tokens_per_forward"] / c["step_cost"], rel=0.35)
+    assert "acceptance by depth" in out and "step cost" in out
+
+
+def test_count_lists_add_elementwise():
+    assert bench_decode._add([], [3, 1]) == [3, 1]
+    assert bench_decode._add([1, 2, 3], [1]) == [2, 2, 3]
+
+
 def test_sampling_options_reach_generate(ck, capsys, monkeypatch):
     calls = []
 

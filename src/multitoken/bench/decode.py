@@ -31,7 +31,8 @@ Last line: one JSON object
              "exact": as above, for this run (null when sampling), "exact_check": how exactness
              is established ("token-for-token" or "chi-square (tests)"), "plain_tok_s",
              "modes": {name: {"heads", "tokens_per_forward", "tok_s", "speedup", "forwards",
-                              "distinct_8", "exact"}},
+                              "step_cost": time per forward / plain's, "acceptance": per
+                              draft depth, pooled, "distinct_8", "exact"}},
              "baselines": {name: the same fields + "batch_size"} (greedy runs, --baselines)}],
    "transformers": version or null,
    "forward_cost": {m: T(m)/T(1)}}
@@ -190,7 +191,8 @@ def _ours(model: MultiTokenModel, setting: Setting, seed: int,
         # ratio of sums over all prompts (a mean of per-prompt ratios would overweight the
         # prompts that needed few forwards)
         return Decoded(res.tokens, st.wall_time_s, st.forwards, st.sequence_forwards,
-                       st.tokens_per_forward * st.sequence_forwards)
+                       st.tokens_per_forward * st.sequence_forwards, st.draft_attempts,
+                       st.draft_accepted)
 
     return run
 
@@ -207,7 +209,8 @@ def run_setting(decoders: dict[str, Decoder], batches: list[list[list[int]]], ne
         decoders[name](batches[0], min(new_tokens, 16), 0)
     acc: dict[str, dict[str, Any]] = {
         m: {"seconds": 0.0, "tokens": 0, "forwards": 0, "rows": 0, "appended": 0.0,
-            "outputs": [], "exact": True if greedy and m != "plain" else None} for m in names}
+            "outputs": [], "attempts": [], "accepted": [],
+            "exact": True if greedy and m != "plain" else None} for m in names}
     for i, batch in enumerate(batches):
         order = names[i % len(names):] + names[: i % len(names)]
         outs: dict[str, list[list[int]]] = {}
@@ -220,6 +223,8 @@ def run_setting(decoders: dict[str, Decoder], batches: list[list[list[int]]], ne
             a["forwards"] += d.forwards
             a["rows"] += d.rows
             a["appended"] += d.appended
+            a["attempts"] = _add(a["attempts"], d.attempts)
+            a["accepted"] = _add(a["accepted"], d.accepted)
         for name in names:
             acc[name]["outputs"].extend(outs[name])
             if acc[name]["exact"] and outs[name] != outs["plain"]:
@@ -227,10 +232,25 @@ def run_setting(decoders: dict[str, Decoder], batches: list[list[list[int]]], ne
     return acc
 
 
-def _summary(a: dict[str, Any], heads: int, plain_tok_s: float) -> dict[str, Any]:
+def _add(a: list[int], b: list[int]) -> list[int]:
+    """Elementwise sum of two count lists of possibly different lengths."""
+    return [x + y for x, y in zip(a + [0] * (len(b) - len(a)), b + [0] * (len(a) - len(b)))]
+
+
+def _summary(a: dict[str, Any], heads: int, plain: dict[str, Any]) -> dict[str, Any]:
+    """A mode's figures. speedup = tokens_per_forward / step_cost (up to the prefill and
+    the rows of a batch finishing at different times): step_cost is the mode's time per
+    forward over plain decoding's, i.e. what a step's drafting, wider forward and acceptance
+    rule cost. acceptance[d]: pooled over all calls, how often a draft at depth d+1 was
+    accepted when it was verified."""
     tok_s = a["tokens"] / a["seconds"]
+    plain_tok_s = plain["tokens"] / plain["seconds"]
+    step = a["seconds"] / a["forwards"] if a["forwards"] else 0.0
+    plain_step = plain["seconds"] / plain["forwards"] if plain["forwards"] else 0.0
     return {"heads": heads, "tokens_per_forward": a["appended"] / a["rows"] if a["rows"] else 0.0,
             "tok_s": tok_s, "speedup": tok_s / plain_tok_s, "forwards": a["forwards"],
+            "step_cost": step / plain_step if plain_step else None,
+            "acceptance": [x / t for x, t in zip(a["accepted"], a["attempts"]) if t],
             "distinct_8": distinct_ngram_ratio(a["outputs"], NGRAM), "exact": a["exact"]}
 
 
@@ -238,8 +258,9 @@ def _run_result(setting: Setting, acc: dict[str, dict[str, Any]], heads_used: di
                 args: argparse.Namespace) -> dict[str, Any]:
     """One run's entry of the JSON's "runs" (see the module docstring)."""
     s, greedy = setting.sampling, setting.sampling.greedy
-    plain_tok_s = acc["plain"]["tokens"] / acc["plain"]["seconds"]
-    modes = {m: _summary(acc[m], h, plain_tok_s) for m, h in heads_used.items()}
+    plain = acc["plain"]
+    plain_tok_s = plain["tokens"] / plain["seconds"]
+    modes = {m: _summary(acc[m], h, plain) for m, h in heads_used.items()}
     run: dict[str, Any] = {
         "label": setting.label,
         "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
@@ -250,9 +271,9 @@ def _run_result(setting: Setting, acc: dict[str, dict[str, Any]], heads_used: di
         "plain_tok_s": plain_tok_s, "modes": modes}
     if HF_GREEDY in acc:
         run["baselines"] = {
-            HF_GREEDY: {**_summary(acc[HF_GREEDY], 1, plain_tok_s),
+            HF_GREEDY: {**_summary(acc[HF_GREEDY], 1, plain),
                         "batch_size": args.batch_size},
-            HF_LOOKUP: {**_summary(acc[HF_LOOKUP], 1, plain_tok_s), "batch_size": 1,
+            HF_LOOKUP: {**_summary(acc[HF_LOOKUP], 1, plain), "batch_size": 1,
                         "prompt_lookup_num_tokens": args.prompt_lookup_tokens}}
     return run
 
@@ -276,12 +297,15 @@ def print_run(run: dict[str, Any], batch_size: int) -> None:
         shown = name
         if r.get("batch_size", batch_size) != batch_size:
             shown = f"{name} (batch {r['batch_size']})"
-        rows.append([shown, r["heads"], r["tokens_per_forward"], r["tok_s"], r["speedup"],
-                     r["forwards"], r["distinct_8"], _exact_cell(name, r["exact"], greedy)])
+        rows.append([shown, r["heads"], r["tokens_per_forward"], r["step_cost"], r["tok_s"],
+                     r["speedup"], r["forwards"], " ".join(f"{x:.2f}" for x in r["acceptance"]),
+                     r["distinct_8"], _exact_cell(name, r["exact"], greedy)])
     seed = "" if greedy else f", seed {run['sampling']['seed']}"
     print(f"\n{run['label']}{seed} (speedup over plain decoding at this setting):")
-    print(format_table(["mode", "heads", "tokens/forward", "tok/s", "speedup", "forwards",
-                        f"distinct-{NGRAM}", "exact"], rows))
+    print(format_table(["mode", "heads", "tokens/forward", "step cost", "tok/s", "speedup",
+                        "forwards", "acceptance by depth", f"distinct-{NGRAM}", "exact"], rows))
+    print("step cost = time per forward / plain decoding's (the wider forward, drafting and "
+          "the acceptance rule); speedup ~ tokens/forward / step cost")
     if not greedy:
         print("* sampling: outputs are not compared token by token (an exact rule matches plain "
               "sampling in distribution, not draw by draw); exactness rests on the suite's "

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class Decoded:
     forwards: int  # model calls
     rows: int  # (sequence, call) pairs the tokens-per-forward ratio divides by
     appended: float  # tokens those calls appended (tokens per forward = appended / rows)
+    # speculation, per draft depth: drafts verified and accepted (empty for the others)
+    attempts: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
 
 
 def require_transformers() -> None:

@@ -64,6 +64,10 @@ class GenerationStats:
     new_tokens: int = 0  # all sequences together
     tokens_per_forward: float = 0.0
     acceptance: list[float] = field(default_factory=list)
+    # the counts behind `acceptance` (per depth: drafts verified, drafts accepted), so that
+    # several calls can be pooled (a mean of per-call rates would weight short calls too much)
+    draft_attempts: list[int] = field(default_factory=list)
+    draft_accepted: list[int] = field(default_factory=list)
     wall_time_s: float = 0.0
     prefill_time_s: float = 0.0
 
@@ -302,5 +306,7 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
     # Only drafts that were verified at least once: a head that never drafted has no
     # acceptance rate (attempts never increase with depth, so this is a prefix).
     stats.acceptance = [a / t for a, t in zip(accepted, attempts) if t]
+    stats.draft_attempts = [t for t in attempts if t]
+    stats.draft_accepted = [a for a, t in zip(accepted, attempts) if t]
     stats.wall_time_s = time.perf_counter() - t0
     return GenerationResult(out, stats, reasons)
