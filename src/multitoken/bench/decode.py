@@ -33,7 +33,10 @@ Last line: one JSON object
              "modes": {name: {"heads", "tokens_per_forward", "tok_s", "speedup", "forwards",
                               "step_cost": time per forward / plain's, "acceptance": per
                               draft depth, pooled, "distinct_8", "exact"}},
-             "baselines": {name: the same fields + "batch_size"} (greedy runs, --baselines)}],
+             "baselines": {name: the same fields + "batch_size"} (greedy runs, --baselines),
+             "tree": {"paths", "size", "depth", "source"}: the tree this setting ran (source:
+                     "calibrated for <setting>", the setting's own calibration or greedy's,
+                     or "default ..."); null with --no-tree}],
    "transformers": version or null,
    "forward_cost": {m: T(m)/T(1)}}
 where T(m) is the time of a speculative forward (all heads) over m tokens; the text also shows
@@ -59,11 +62,13 @@ from multitoken.checkpoint import load_checkpoint
 from multitoken.decoding.calibrate import (
     load_calibration,
     prompts_from,
+    setting_calibration,
     time_forwards,
     validation_tokens,
 )
 from multitoken.decoding.generate import generate
-from multitoken.decoding.sampling import Sampling
+from multitoken.decoding.sampling import Sampling, checked_sampling
+from multitoken.decoding.sampling import sampling_list as parse_sampling_settings
 from multitoken.decoding.tree import Tree, default_tree
 from multitoken.devices import resolve_device
 from multitoken.errors import ConfigError, MultitokenError
@@ -87,56 +92,17 @@ class Setting:
 
     @property
     def label(self) -> str:
-        s = self.sampling
-        if s.greedy:
-            return "greedy"
-        parts = [f"T={s.temperature:g}"]
-        if s.top_p is not None:
-            parts.append(f"top-p={s.top_p:g}")
-        if s.top_k is not None:
-            parts.append(f"top-k={s.top_k}")
-        return " ".join(parts)
+        return self.sampling.label
 
 
 def make_setting(temperature: float, top_p: float | None, top_k: int | None) -> Setting:
-    """A checked setting: the same rules as `generate`, plus a finite temperature, and top-p /
-    top-k only with a temperature > 0 (greedy ignores them, so asking for both is a mistake)."""
-    if not math.isfinite(temperature):
-        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
-    s = Sampling(float(temperature), top_k, top_p)
-    try:
-        s.validate()
-    except MultitokenError as e:
-        raise ConfigError(str(e)) from None
-    if s.greedy and (top_p is not None or top_k is not None):
-        raise ConfigError("top-p and top-k apply to sampling: give a temperature > 0 with them")
-    return Setting(s)
+    """A checked setting (`sampling.checked_sampling`; raises ConfigError)."""
+    return Setting(checked_sampling(temperature, top_p, top_k))
 
 
 def sampling_list(text: str) -> list[Setting]:
-    """argparse type of --sampling: comma-separated settings, each `greedy` (= 0) or
-    TEMPERATURE[:TOP_P[:TOP_K]] with an empty field for "off", e.g. `greedy,0.8:0.95,1.0::50`."""
-    settings = []
-    for item in (t.strip() for t in text.split(",")):
-        if item in ("greedy", "0"):
-            settings.append(make_setting(0.0, None, None))
-            continue
-        fields = item.split(":")
-        try:
-            if not item or len(fields) > 3:
-                raise ValueError
-            t = float(fields[0])
-            p = float(fields[1]) if len(fields) > 1 and fields[1] else None
-            k = int(fields[2]) if len(fields) > 2 and fields[2] else None
-            settings.append(make_setting(t, p, k))
-        except ConfigError as e:  # well formed, bad value
-            raise argparse.ArgumentTypeError(f"setting {item!r}: {e}") from None
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated settings, each `greedy` or "
-                f"TEMPERATURE[:TOP_P[:TOP_K]] (e.g. greedy,0.8:0.95,1.0), got {item!r}"
-            ) from None
-    return settings
+    """argparse type of --sampling (the syntax of `sampling.parse_sampling_list`)."""
+    return [Setting(s) for s in parse_sampling_settings(text)]
 
 
 def settings_from(args: argparse.Namespace) -> list[Setting]:
@@ -420,22 +386,25 @@ def build_parser() -> cliargs.ArgumentParser:
     return p
 
 
-def _tree_paths(args: argparse.Namespace, n: int) -> list[Any] | None:
-    """The tree to run: --tree-size nodes of the calibrated growth order, else the calibrated
-    best tree for this batch size, else the default tree; None with --no-tree."""
+def _tree_for(args: argparse.Namespace, n: int, calib: dict[str, Any] | None,
+              sampling: Sampling) -> tuple[Tree | None, str]:
+    """The tree a setting runs and where it comes from: --tree-size nodes of the calibrated
+    growth order, else the calibrated best tree for this batch size, else the default tree;
+    calibrated = for this sampling setting when `calibrate --sampling` measured it, else for
+    greedy (`calibrate.setting_calibration`). (None, "") with --no-tree."""
     if args.no_tree:
-        return None
-    calib = load_calibration(args.checkpoint)
-    by_b = (calib or {}).get("by_batch_size", {}).get(str(args.batch_size), calib)
+        return None, ""
+    part, source = setting_calibration(calib, sampling)
     if args.tree_size:
-        grown = (calib or {}).get("tree_order") or []
-        if not grown:
-            print("note: no calibrated growth order: using the default tree of that size")
-        return grown[:args.tree_size] or default_tree(n - 1, size=args.tree_size)
+        grown = (part or {}).get("tree_order") or []
+        if grown:
+            where = f"first {args.tree_size} of the growth order {source}"
+            return Tree(grown[:args.tree_size]), where
+        return Tree(default_tree(n - 1, size=args.tree_size)), "default (no growth order)"
+    by_b = (part or {}).get("by_batch_size", {}).get(str(args.batch_size), part)
     if by_b:
-        return by_b["tree"]
-    print("note: no calibration.json (run `multitoken calibrate`): using the default tree")
-    return default_tree(n - 1)
+        return Tree(by_b["tree"]), source
+    return Tree(default_tree(n - 1)), "default (no calibration.json)"
 
 
 def main(argv: list[str]) -> int:
@@ -466,8 +435,10 @@ def main(argv: list[str]) -> int:
     if (prompt_len, new_tokens) != (args.prompt_len, args.new_tokens):
         print(f"note: context {max_len}: using prompt-len {prompt_len}, new-tokens {new_tokens}")
 
-    tree_paths = _tree_paths(args, n)
-    tree = Tree(tree_paths) if tree_paths else None
+    calib = None if args.no_tree else load_calibration(args.checkpoint)
+    if not args.no_tree and calib is None:
+        print("note: no calibration.json (run `multitoken calibrate`): using the default tree")
+    trees = {s: _tree_for(args, n, calib, s.sampling) for s in settings}  # (tree, source)
     prompts, continuations = prompts_and_continuations(
         validation_tokens(args.checkpoint, tokenizer), args.prompts, prompt_len, new_tokens)
     reference = distinct_ngram_ratio(continuations, NGRAM)
@@ -475,11 +446,9 @@ def main(argv: list[str]) -> int:
     modes: dict[str, dict[str, Any]] = {"plain": {"speculative": "off"}}
     for k in ks:
         modes[f"chain-{k}"] = {"speculative": "chain", "num_drafts": k}
-    if tree is not None:
-        modes["tree"] = {"speculative": "tree", "tree": tree.paths}
     heads_used = {"plain": 1, **{f"chain-{k}": k + 1 for k in ks}}
-    if tree is not None:
-        heads_used["tree"] = tree.depth + 1
+    if not args.no_tree:
+        modes["tree"] = {"speculative": "tree"}  # the setting's tree, below
 
     print(f"decoding {len(prompts)} prompts x {new_tokens} tokens, batch {args.batch_size}, "
           f"modes: {', '.join(modes)} (interleaved); settings: "
@@ -489,13 +458,21 @@ def main(argv: list[str]) -> int:
     runs: list[dict[str, Any]] = []
     lookup = args.prompt_lookup_tokens
     for setting in settings:
-        decoders = {m: _ours(model, setting, args.seed, kw) for m, kw in modes.items()}
+        tree, source = trees[setting]
+        kws = {**modes, "tree": {**modes["tree"], "tree": tree.paths}} if tree else modes
+        decoders = {m: _ours(model, setting, args.seed, kw) for m, kw in kws.items()}
         if hf is not None and setting.sampling.greedy:
             decoders[HF_GREEDY] = lambda b, t, i: hf.greedy(b, t)
             decoders[HF_LOOKUP] = lambda b, t, i: hf.prompt_lookup(b, t, lookup)
         acc = run_setting(decoders, batches, new_tokens, setting.sampling.greedy)
-        runs.append(_run_result(setting, acc, heads_used, args))
+        used = {**heads_used, "tree": tree.depth + 1} if tree else heads_used
+        runs.append(_run_result(setting, acc, used, args))
+        runs[-1]["tree"] = None if tree is None else {
+            "paths": [list(p) for p in tree.paths], "size": tree.size, "depth": tree.depth,
+            "source": source}
         print_run(runs[-1], args.batch_size)
+        if tree is not None:
+            print(f"tree: {tree.size} nodes, depth {tree.depth} ({source}): {tree.paths}")
         if hf is not None and setting.sampling.greedy:
             print(f"{HF_GREEDY}, {HF_LOOKUP}: transformers {hf.version} generate on the "
                   f"exported trunk + head 1 ({hf.architecture}, "
@@ -508,21 +485,20 @@ def main(argv: list[str]) -> int:
     if hf is not None:
         hf.close()
 
-    widths = sorted({1, *(k + 1 for k in ks), *([tree.size + 1] if tree else [])})
+    widths = sorted({1, *(k + 1 for k in ks), *(t.size + 1 for t, _ in trees.values() if t)})
     shapes = [(1, 1)] + [(m, n) for m in widths]
     t = time_forwards(model, shapes, batch_size=args.batch_size, context=prompt_len,
                       reps=args.reps)
     t1 = t[(1, n)]
     forward_cost = {str(m): t[(m, n)] / t1 for m in widths}
     print()
-    if tree is not None:
-        print(f"tree: {tree.size} nodes, depth {tree.depth}: {tree.paths}")
     print(f"forward cost T(m)/T(1), all {n} heads, batch {args.batch_size}: " + ", ".join(
         f"{m}: {c:.2f}" for m, c in forward_cost.items())
         + f"  (T(1) = {t1 * 1e3:.2f} ms; plain decoding's forward, head 1 only: "
         f"{t[(1, 1)] * 1e3:.2f} ms = {t[(1, 1)] / t1:.2f} T(1))")
     if args.out_png:
-        _plot(Path(args.out_png), runs, reference, max(heads_used.values()))
+        _plot(Path(args.out_png), runs, reference,
+              max(v["heads"] for r in runs for v in r["modes"].values()))
         print(f"wrote {args.out_png}")
     measured = [r["exact"] for r in runs if r["exact"] is not None]
     sys.stdout.flush()

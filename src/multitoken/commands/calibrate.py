@@ -1,14 +1,17 @@
 """`multitoken calibrate --checkpoint DIR`: measure acceptance and forward costs, store the choice
 of chain length and draft tree in the checkpoint's calibration.json (see
-`multitoken.decoding.calibrate`)."""
+`multitoken.decoding.calibrate`); with `--sampling`, one choice per sampling setting too."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from multitoken import cliargs
 from multitoken.checkpoint import load_checkpoint
 from multitoken.decoding.calibrate import calibrate, save_calibration, validation_tokens
+from multitoken.decoding.sampling import sampling_list
 from multitoken.decoding.tree import Tree
 from multitoken.devices import resolve_device
 
@@ -16,7 +19,10 @@ from multitoken.devices import resolve_device
 def build_parser() -> cliargs.ArgumentParser:
     p = cliargs.ArgumentParser(prog="multitoken calibrate", description=(
         "Measure per-head top-k acceptance on held-out data and decode forward costs on this "
-        "machine; store the best chain length and draft tree in <checkpoint>/calibration.json."))
+        "machine; store the best chain length and draft tree in <checkpoint>/calibration.json. "
+        "With --sampling, also measure how often each node of a large draft tree is reached "
+        "under sampled speculative decoding, and store a choice per sampling setting (used by "
+        "`generate` and `bench decode` when they run that setting)."))
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint (or run) directory; calibration.json is written there")
     p.add_argument("--prompts", type=cliargs.positive_int, default=16,
@@ -24,19 +30,36 @@ def build_parser() -> cliargs.ArgumentParser:
     p.add_argument("--prompt-len", type=cliargs.positive_int, default=128,
                    help="tokens per prompt, at most half the model's context (default 128)")
     p.add_argument("--gen-len", type=cliargs.positive_int, default=256,
-                   help="greedy tokens decoded per prompt, at most what the context leaves "
-                   "(default 256)")
+                   help="tokens decoded per prompt (greedy, and per sampling setting), at most "
+                   "what the context leaves (default 256)")
     p.add_argument("--max-rank", type=cliargs.positive_int, default=8,
-                   help="top-k ranks considered per head (default 8)")
+                   help="top-k ranks considered per head (greedy; default 8)")
     p.add_argument("--max-nodes", type=cliargs.positive_int, default=32,
                    help="largest tree considered (default 32)")
     p.add_argument("--batch-sizes", type=cliargs.positive_int_list, default=[1],
                    help="batch sizes to choose for, comma-separated, e.g. 1,8 (default 1)")
+    p.add_argument("--sampling", type=sampling_list, default=[],
+                   help="sampling settings to calibrate besides greedy (always done): "
+                   "comma-separated, each TEMPERATURE[:TOP_P[:TOP_K]], e.g. 0.8:0.95,1.0 (the "
+                   "syntax of `bench decode --sampling`)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampled decoding of --sampling (default 0)")
     p.add_argument("--reps", type=cliargs.positive_int, default=20,
                    help="timed repetitions of each forward shape (default 20)")
     cliargs.add_device_argument(p)
     cliargs.add_threads_argument(p)
     return p
+
+
+def _report(name: str, part: dict[str, Any]) -> None:
+    """One line per batch size: the expected speedups and the choice."""
+    for B, c in part["by_batch_size"].items():
+        cost = part["forward_cost"][B]
+        chain = ", ".join(f"k={k}: {v:.2f}x" for k, v in c["expected_speedup"]["chain"].items())
+        best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(c["tree"]).paths)), 0.0)
+        print(f"{name}, batch {B}: plain forward {cost['plain_ms']:.2f} ms; expected speedup "
+              f"chain {chain}; tree of {len(c['tree'])} nodes: {best_tree:.2f}x -> "
+              f"{c['best_mode']}")
 
 
 def main(argv: list[str]) -> int:
@@ -48,15 +71,20 @@ def main(argv: list[str]) -> int:
     val = validation_tokens(args.checkpoint, tokenizer)
     cal = calibrate(model, val, n_prompts=args.prompts, prompt_len=args.prompt_len,
                     gen_len=args.gen_len, max_rank=args.max_rank, max_nodes=args.max_nodes,
-                    batch_sizes=batch_sizes, reps=args.reps, log=print)
+                    batch_sizes=batch_sizes, reps=args.reps, sampling=args.sampling,
+                    seed=args.seed, log=print)
     out = save_calibration(args.checkpoint, cal)
     acc = ", ".join(f"{a:.2f}" for a in cal["acceptance"]["chain"])
-    print(f"top-1 acceptance of heads 2..{model.n_future} (given earlier accepted): {acc}")
-    for B, c in cal["by_batch_size"].items():
-        cost = cal["forward_cost"][B]
-        chain = ", ".join(f"k={k}: {v:.2f}x" for k, v in c["expected_speedup"]["chain"].items())
-        best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(c["tree"]).paths)), 0.0)
-        print(f"batch {B}: plain forward {cost['plain_ms']:.2f} ms; expected speedup chain "
-              f"{chain}; tree of {len(c['tree'])} nodes: {best_tree:.2f}x -> {c['best_mode']}")
+    print(f"greedy: top-1 acceptance of heads 2..{model.n_future} (given earlier accepted): "
+          f"{acc}")
+    _report("greedy", cal)
+    for label, part in cal.get("sampling", {}).items():
+        acc = ", ".join(f"{a:.2f}" for a in part["acceptance"]["chain"])
+        e = part["expected_tokens_per_forward"]
+        print(f"{label}: acceptance of the first draft of heads 2..{model.n_future} (given "
+              f"earlier accepted): {acc}; expected tokens/forward chain-{len(e['chain'])} "
+              f"{e['chain'][str(len(e['chain']))]:.2f}, chosen tree {e['tree']:.2f} "
+              f"({part['measured_on']['steps']} steps measured)")
+        _report(label, part)
     print(f"wrote {out}")
     return 0

@@ -10,7 +10,7 @@ import torch
 
 from multitoken import cliargs
 from multitoken.checkpoint import load_checkpoint
-from multitoken.decoding.calibrate import load_calibration
+from multitoken.decoding.calibrate import load_calibration, setting_calibration
 from multitoken.decoding.generate import (
     SPECULATIVE_MODES,
     as_prompts,
@@ -82,7 +82,8 @@ def build_parser() -> cliargs.ArgumentParser:
     p = cliargs.ArgumentParser(prog="multitoken generate", description=(
         "Decode from a checkpoint, streaming text as it is accepted, then print the stats. "
         "The prompt comes from --prompt, --prompt-file, or standard input. "
-        "--speculative auto uses the mode and tree stored by `multitoken calibrate` (chain "
+        "--speculative auto uses the mode and tree stored by `multitoken calibrate` for the "
+        "sampling setting being run (`calibrate --sampling`), else its greedy choice (chain "
         "with all draft heads when there is no calibration; plain for n_future=1 models)."))
     p.add_argument("--checkpoint", required=True, help="checkpoint (or run) directory")
     source = p.add_mutually_exclusive_group()
@@ -120,7 +121,8 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_checkpoint(args.checkpoint, device=device)
-    calib = load_calibration(args.checkpoint)
+    # the calibration of this sampling setting, else the greedy one
+    calib, source = setting_calibration(load_calibration(args.checkpoint), sampling)
     mode, num_drafts, tree = args.speculative, args.num_drafts, None
     if mode == "auto":
         mode = "off" if model.n_future == 1 else (calib or {}).get("best_mode", "chain")
@@ -149,7 +151,8 @@ def main(argv: list[str]) -> int:
     printer.finish()
     s = res.stats
     desc = {"off": "plain (head 1 only)", "chain": f"chain, {s.num_drafts} drafts per step",
-            "tree": f"tree, {s.tree_size} nodes, depth {s.num_drafts}"}[mode]
+            "tree": f"tree, {s.tree_size} nodes, depth {s.num_drafts}, "
+                    f"{source if tree else 'default'}"}[mode]
     print(f"\n[{desc}] {s.new_tokens} tokens in {s.wall_time_s:.2f} s "
           f"({s.tokens_per_second:.1f} tok/s), {s.forwards} forwards + {s.prefill_forwards} "
           "prefill, "

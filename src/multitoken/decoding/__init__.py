@@ -1,6 +1,7 @@
 """Decoding, in layers that import only downwards (each module imports only those below it):
 
     calibrate   choose the chain length and draft tree from measured acceptance and forward costs
+    reach       how often each node of a draft tree is reached under sampling (for calibrate)
     generate    the driver: `generate()`, its results and statistics, plain decoding
     speculate   one speculation step: verify the drafts and propose the next ones, in one forward
     tree        draft trees (a chain of k drafts is `Tree.chain(k)`): paths, parents, masks

@@ -18,6 +18,20 @@ Expected speedup of a mode = expected tokens per forward x T_plain / T_mode. The
 (1..D) and the tree size maximising it are written to `calibration.json` in the checkpoint
 directory (`multitoken calibrate`, in `multitoken.commands.calibrate`); `multitoken generate`
 and `bench decode` use them by default.
+
+Sampling settings (`calibrate --sampling 0.8:0.95,1.0`). Greedy ranks do not describe sampled
+drafts (under sampling, tree node (r_1..r_d) is a draw without replacement, not a rank), so
+for each setting the acceptance is measured again: sampled speculative decoding over a large
+measurement tree gives P(node reached) for each of its nodes (`reach.py`, whose docstring
+says why these hold for every sub-tree closed under parents and earlier siblings, the trees
+`grow_tree` builds). Expected tokens per forward of a chain or tree = 1 + sum of P(reached)
+over its nodes; the forward costs are timed with that setting's sampling work (head 1's
+processed distribution and a draw per row, the draft heads' processed distributions and
+draws; the acceptance rule's own arithmetic is not timed). The choice per setting is stored
+under "sampling" in calibration.json, keyed by `Sampling.label` (e.g. "T=0.8 top-p=0.95"),
+with the same fields as the greedy choice; `setting_calibration` picks the part that applies
+to a setting (its own, else the greedy one, as before settings existed). A calibration.json
+without "sampling" is read as before.
 """
 
 from __future__ import annotations
@@ -40,6 +54,8 @@ from multitoken.config import DataConfig, from_dict
 from multitoken.data import prepare_data
 from multitoken.decoding.engine import Engine
 from multitoken.decoding.generate import generate
+from multitoken.decoding.reach import measure_reach, measurement_tree
+from multitoken.decoding.sampling import Sampling, draw_distinct, process_logits, sample
 from multitoken.decoding.tree import Path as TreePath
 from multitoken.decoding.tree import Tree, grow_tree
 from multitoken.errors import MultitokenError
@@ -53,12 +69,15 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batch_size: int = 1,
-                  context: int = 128, reps: int = 20) -> dict[tuple[int, int], float]:
+                  context: int = 128, reps: int = 20,
+                  sampling: Sampling | None = None) -> dict[tuple[int, int], float]:
     """Seconds of one decode forward (`typical_time` of `reps`) for each (tokens m, heads h).
 
     A forward is what a step runs: the trunk and head 1 over m tokens (keys/values of heads
     2..h too), head 1's logits at all m, and the draft heads' logits at one position per
-    sequence (none when h == 1). Shapes are timed round-robin so load drifts hit all alike.
+    sequence (none when h == 1); then argmaxes (greedy, the default) or, with a sampling
+    setting, the processed distributions and a draw from each. Shapes are timed round-robin so
+    load drifts hit all alike.
     """
     if reps < 1:
         raise MultitokenError(f"reps must be >= 1, got {reps}")
@@ -68,17 +87,29 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
     engines = {h: Engine(model, h) for _, h in shapes}
     cache = model.new_cache(batch_size, context + max(m for m, _ in shapes))
     gen = torch.Generator(device="cpu").manual_seed(0)
+    draws = torch.Generator(device=device).manual_seed(0)
     times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
+    sampled = sampling is not None and not sampling.greedy
 
     def run(m: int, h: int) -> None:
         idx = torch.randint(0, cfg.vocab_size, (batch_size, m), generator=gen).to(device)
         pos = context + torch.arange(m, device=device).expand(batch_size, m)
         eng = engines[h]
         fwd = eng.forward(idx, pos, causal_context(cache, pos, context + m))
-        eng.logits(fwd.h0).argmax(-1)
+        logits = eng.logits(fwd.h0)
+        if sampled:
+            assert sampling is not None
+            sample(process_logits(logits, sampling), draws)
+        else:
+            logits.argmax(-1)
         if h > 1:
             sel = torch.full((batch_size,), m - 1, device=device)
-            eng.draft_logits(eng.draft_hidden(fwd, sel)).argmax(-1)
+            dl = eng.draft_logits(eng.draft_hidden(fwd, sel))
+            if sampled:
+                assert sampling is not None
+                draw_distinct(process_logits(dl, sampling), 1, draws)
+            else:
+                dl.argmax(-1)
 
     with torch.inference_mode():
         idx = torch.randint(0, cfg.vocab_size, (batch_size, context), generator=gen).to(device)
@@ -191,8 +222,11 @@ def path_probs(ranks: np.ndarray, max_rank: int) -> dict[TreePath, float]:
 def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prompts: int = 16,
               prompt_len: int = 128, gen_len: int = 256, max_rank: int = 8, max_nodes: int = 32,
               batch_sizes: tuple[int, ...] = (1,), reps: int = 20,
+              sampling: Sequence[Sampling] = (), seed: int = 0,
               log: Any = None) -> dict[str, Any]:
-    """Measure acceptance and forward costs; return the calibration (see module docstring)."""
+    """Measure acceptance and forward costs; return the calibration (see module docstring):
+    greedy's, and one per sampling setting in `sampling` (greedy ones there are skipped: greedy
+    is always calibrated). seed: the sampled decoding's."""
     cfg = model.cfg
     D = model.n_future - 1
     if D < 1:
@@ -213,44 +247,11 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
     chain_e = {k: simulate_tokens_per_forward(ranks, [(0,) * d for d in range(1, k + 1)])
                for k in range(1, D + 1)}
     grown = grow_tree(prob, max_nodes, D, max_rank)  # candidates in order of P(accepted)
-
-    costs: dict[str, Any] = {}
-    choices: dict[str, Any] = {}
-    tree_e: dict[int, float] = {}
-    for B in batch_sizes:
-        sizes = sorted({*range(1, min(len(grown), 16) + 1), *range(16, len(grown) + 1, 4),
-                        len(grown)} - {0})
-        shapes = [(1, 1)] + [(k + 1, k + 1) for k in range(1, D + 1)]
-        shapes += [(s + 1, D + 1) for s in sizes if (s + 1, D + 1) not in shapes]
-        say(f"timing {len(shapes)} forward shapes at batch {B}")
-        t = time_forwards(model, shapes, batch_size=B, context=prompt_len + gen_len // 2,
-                          reps=reps)
-        plain = t[(1, 1)]
-        chain_speed = {k: chain_e[k] * plain / t[(k + 1, k + 1)] for k in chain_e}
-        best_k = max(chain_speed, key=chain_speed.get)
-        tree_speed = {}
-        for s in sizes:
-            tree_e[s] = tree_e.get(s) or simulate_tokens_per_forward(ranks, grown[:s])
-            tree_speed[s] = tree_e[s] * plain / t[(s + 1, D + 1)]
-        best_s = max(tree_speed, key=tree_speed.get) if tree_speed else 0
-        tree_paths = [list(p) for p in Tree(grown[:best_s]).paths] if best_s else [[0]]
-        mode = "tree" if tree_speed and tree_speed[best_s] > chain_speed[best_k] else "chain"
-        if max(chain_speed[best_k], tree_speed.get(best_s, 0.0)) < 1.0:
-            mode = "off"  # speculation would not pay on this machine for this checkpoint
-        choices[str(B)] = {
-            "best_k": best_k,
-            "tree": tree_paths,
-            "best_mode": mode,
-            "expected_speedup": {"chain": {str(k): v for k, v in chain_speed.items()},
-                                 "tree": {str(s): v for s, v in tree_speed.items()}},
-        }
-        costs[str(B)] = {
-            "plain_ms": plain * 1e3,
-            "chain_ms": {str(k): t[(k + 1, k + 1)] * 1e3 for k in chain_e},
-            "spec_ms": {str(s + 1): t[(s + 1, D + 1)] * 1e3 for s in sizes},
-        }
+    tree_e = {s: simulate_tokens_per_forward(ranks, grown[:s]) for s in tree_sizes(len(grown))}
+    context = prompt_len + gen_len // 2
+    choices, costs = choose(model, chain_e, tree_e, grown, batch_sizes, reps, context, None, say)
     first = choices[str(batch_sizes[0])]
-    return {
+    cal = {
         "version": 1,
         "best_mode": first["best_mode"],
         "best_k": first["best_k"],
@@ -273,6 +274,118 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
                         "prompt_len": prompt_len, "gen_len": gen_len, "max_rank": max_rank,
                         "threads": torch.get_num_threads(), "device": str(device)},
     }
+    settings = [x for x in dict.fromkeys(sampling) if not x.greedy]
+    if settings:
+        cal["sampling"] = {x.label: calibrate_setting(
+            model, prompts, gen_len, x, max_nodes=max_nodes, batch_sizes=batch_sizes, reps=reps,
+            context=context, seed=seed, log=say) for x in settings}
+    return cal
+
+
+def tree_sizes(n: int) -> list[int]:
+    """The tree sizes timed and compared, for a growth order of n nodes."""
+    return sorted({*range(1, min(n, 16) + 1), *range(16, n + 1, 4), n} - {0})
+
+
+def choose(model: MultiTokenModel, chain_e: dict[int, float], tree_e: dict[int, float],
+           grown: list[TreePath], batch_sizes: Sequence[int], reps: int, context: int,
+           sampling: Sampling | None, say: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time the forwards at each batch size and pick, from the expected tokens per forward of
+    chain lengths (chain_e) and tree sizes (tree_e: the first s nodes of `grown`), the chain
+    length, the tree and the mode (off when neither pays). Returns (choices, forward costs),
+    keyed by batch size."""
+    D = model.n_future - 1
+    costs: dict[str, Any] = {}
+    choices: dict[str, Any] = {}
+    sizes = sorted(tree_e)
+    for B in batch_sizes:
+        shapes = [(1, 1)] + [(k + 1, k + 1) for k in range(1, D + 1)]
+        shapes += [(s + 1, D + 1) for s in sizes if (s + 1, D + 1) not in shapes]
+        say(f"timing {len(shapes)} forward shapes at batch {B}"
+            + ("" if sampling is None else f", {sampling.label}"))
+        t = time_forwards(model, shapes, batch_size=B, context=context, reps=reps,
+                          sampling=sampling)
+        plain = t[(1, 1)]
+        chain_speed = {k: chain_e[k] * plain / t[(k + 1, k + 1)] for k in chain_e}
+        best_k = max(chain_speed, key=chain_speed.get)
+        tree_speed = {s: tree_e[s] * plain / t[(s + 1, D + 1)] for s in sizes}
+        best_s = max(tree_speed, key=tree_speed.get) if tree_speed else 0
+        tree_paths = [list(p) for p in Tree(grown[:best_s]).paths] if best_s else [[0]]
+        mode = "tree" if tree_speed and tree_speed[best_s] > chain_speed[best_k] else "chain"
+        if max(chain_speed[best_k], tree_speed.get(best_s, 0.0)) < 1.0:
+            mode = "off"  # speculation would not pay on this machine for this checkpoint
+        choices[str(B)] = {
+            "best_k": best_k,
+            "tree": tree_paths,
+            "best_mode": mode,
+            "expected_speedup": {"chain": {str(k): v for k, v in chain_speed.items()},
+                                 "tree": {str(s): v for s, v in tree_speed.items()}},
+        }
+        costs[str(B)] = {
+            "plain_ms": plain * 1e3,
+            "chain_ms": {str(k): t[(k + 1, k + 1)] * 1e3 for k in chain_e},
+            "spec_ms": {str(s + 1): t[(s + 1, D + 1)] * 1e3 for s in sizes},
+        }
+    return choices, costs
+
+
+def calibrate_setting(model: MultiTokenModel, prompts: list[list[int]], gen_len: int,
+                      sampling: Sampling, *, max_nodes: int, batch_sizes: Sequence[int],
+                      reps: int, context: int, seed: int, log: Any = None) -> dict[str, Any]:
+    """The choice for one sampling setting: P(reached) of every node of the measurement tree
+    (`reach.measure_reach`, decoding `prompts` with `seed`), trees grown from it, expected
+    tokens per forward = 1 + sum of P(reached), forward costs timed with that sampling."""
+    say = log or (lambda *_: None)
+    D = model.n_future - 1
+    mtree = Tree(measurement_tree(D))
+    device = model.tok_embeddings.weight.device
+    say(f"{sampling.label}: decoding {len(prompts)} held-out prompts x {gen_len} sampled tokens "
+        f"over a measurement tree of {mtree.size} nodes")
+    reach, steps = measure_reach(model, prompts, gen_len, sampling, mtree,
+                                 torch.Generator(device=device).manual_seed(seed))
+    prob = lambda p: reach.get(tuple(p), 0.0)  # noqa: E731
+    chain_e = {k: 1.0 + sum(prob((0,) * d) for d in range(1, k + 1)) for k in range(1, D + 1)}
+    grown = grow_tree(prob, max_nodes, D, mtree.max_rank)
+    tree_e = {s: 1.0 + sum(prob(p) for p in grown[:s]) for s in tree_sizes(len(grown))}
+    choices, costs = choose(model, chain_e, tree_e, grown, batch_sizes, reps, context, sampling,
+                            say)
+    first = choices[str(batch_sizes[0])]
+    return {
+        "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                     "top_k": sampling.top_k},
+        "best_mode": first["best_mode"],
+        "best_k": first["best_k"],
+        "tree": first["tree"],
+        "by_batch_size": choices,
+        "expected_tokens_per_forward": {
+            "chain": {str(k): v for k, v in chain_e.items()},
+            "tree": 1.0 + sum(prob(p) for p in first["tree"]),
+            "tree_by_size": {str(s): v for s, v in tree_e.items()},
+        },
+        "acceptance": {"chain": [prob((0,) * d) / max(prob((0,) * (d - 1)) if d > 1 else 1.0,
+                                                      1e-12) for d in range(1, D + 1)]},
+        "tree_order": [list(p) for p in grown],
+        "reach": {",".join(map(str, p)): prob(p) for p in mtree.paths},
+        "forward_cost": costs,
+        "measured_on": {"steps": steps, "measurement_nodes": mtree.size, "prompts": len(prompts),
+                        "gen_len": gen_len, "seed": seed},
+    }
+
+
+def setting_calibration(calib: dict[str, Any] | None,
+                        sampling: Sampling) -> tuple[dict[str, Any] | None, str]:
+    """The part of a calibration that decoding with `sampling` uses, and which it is: the
+    setting's own (`calibrate --sampling`; "calibrated for T=0.8 top-p=0.95"), else the greedy
+    one ("calibrated for greedy": what every setting used before per-setting calibration),
+    else (None, "default"). Both parts have best_mode, best_k, tree, by_batch_size and
+    tree_order."""
+    if not calib:
+        return None, "default"
+    if not sampling.greedy:
+        own = (calib.get("sampling") or {}).get(sampling.label)
+        if own:
+            return own, f"calibrated for {sampling.label}"
+    return calib, "calibrated for greedy"
 
 
 def load_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
@@ -282,9 +395,10 @@ def load_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text())
-        Tree(data["tree"])
-        int(data["best_k"])
-    except (OSError, ValueError, KeyError, TypeError, MultitokenError) as e:
+        for part in [data, *(data.get("sampling") or {}).values()]:
+            Tree(part["tree"])
+            int(part["best_k"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, MultitokenError) as e:
         print(f"warning: ignoring unreadable {path}: {e}", file=sys.stderr)
         return None
     return data

@@ -2,7 +2,7 @@
 
     generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
              speculative="off" | "chain" | "tree", num_drafts=None, stop=None, tree=None,
-             generator=None, stream=None) -> GenerationResult
+             generator=None, stream=None, on_step=None) -> GenerationResult
 
 Batches: prompts of different lengths are right-padded into one prefill; every sequence then
 keeps its own position (cache slot == position), so with speculation each sequence accepts its
@@ -208,13 +208,18 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
              top_p: float | None = None, speculative: str = "off", num_drafts: int | None = None,
              stop: int | Sequence[int] | None = None, tree: Sequence[Sequence[int]] | None = None,
              generator: torch.Generator | None = None,
-             stream: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+             stream: Callable[[list[list[int]]], None] | None = None,
+             on_step: Callable[[StepOut], None] | None = None) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt. See the module docstring for conventions.
 
     prompt_ids: one prompt (list of ids), several (list of lists, any lengths), or a tensor
     ([T] or [B, T], all rows prompts of length T). tree: for speculative="tree", a list of paths
     of child indices, e.g. [(0,), (1,), (0, 0)] (greedy: top-k ranks; sampling: draw order, the
-    tree gives the shape; default: `tree.default_tree`); num_drafts then caps its depth. stream: called after every step with the tokens each sequence gained.
+    tree gives the shape; default: `tree.default_tree`); num_drafts then caps its depth.
+    stream: called after every step with the tokens each sequence gained. on_step: called
+    with every decode step's raw `StepOut` (one row per sequence still decoding, before
+    truncation at a stop token or max_new_tokens), e.g. to count the accepted tree nodes
+    (`StepOut.node`).
     """
     prompts = as_prompts(prompt_ids)
     sampling = Sampling(float(temperature), top_k, top_p)
@@ -290,6 +295,8 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
                 rows = [rows[r] for r in alive]
             step = decoder.step(cache, torch.tensor([pos[b] for b in rows], device=device),
                                 max(pos[b] for b in rows) + decoder.width)
+            if on_step is not None:
+                on_step(step)
             stats.forwards += 1
             rows_run += len(rows)
             n_l, tried_l, toks_l = step.n.tolist(), step.tried.tolist(), step.tokens.tolist()

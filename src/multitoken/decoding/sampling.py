@@ -1,7 +1,8 @@
 """Sampling primitives and the exact acceptance rules of speculative decoding.
 
 Everything here works on tensors (logits, probabilities, draft tokens) and knows nothing of
-models, caches or trees; plain and speculative decoding share it.
+models, caches or trees; plain and speculative decoding share it. (Also here: the settings'
+syntax of the commands' `--sampling`, `parse_sampling_list`.)
 
 Conventions: `temperature=0` is greedy (argmax of head 1). Otherwise logits are divided by the
 temperature, then top-k, then top-p (smallest set of tokens whose mass reaches top_p) are
@@ -60,12 +61,14 @@ sum p(x) q(x) instead of sum min(p(x), q(x)); the acceptance test tells them apa
 
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from multitoken.errors import MultitokenError
+from multitoken.errors import ConfigError, MultitokenError
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,18 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def label(self) -> str:
+        """`greedy`, or e.g. `T=0.8 top-p=0.95` (also the key of a setting in calibration.json)."""
+        if self.greedy:
+            return "greedy"
+        parts = [f"T={self.temperature:g}"]
+        if self.top_p is not None:
+            parts.append(f"top-p={self.top_p:g}")
+        if self.top_k is not None:
+            parts.append(f"top-k={self.top_k}")
+        return " ".join(parts)
+
     def validate(self) -> None:
         if not self.temperature >= 0.0:
             raise MultitokenError(f"temperature must be >= 0, got {self.temperature}")
@@ -85,6 +100,61 @@ class Sampling:
             raise MultitokenError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise MultitokenError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings given on the command line (`bench decode --sampling`, `calibrate --sampling`).
+
+
+def checked_sampling(temperature: float, top_p: float | None, top_k: int | None) -> Sampling:
+    """A checked setting: `Sampling.validate`'s rules, plus a finite temperature, and top-p /
+    top-k only with a temperature > 0 (greedy ignores them, so asking for both is a mistake).
+    Raises ConfigError."""
+    if not math.isfinite(temperature):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
+    s = Sampling(float(temperature), top_k, top_p)
+    try:
+        s.validate()
+    except MultitokenError as e:
+        raise ConfigError(str(e)) from None
+    if s.greedy and (top_p is not None or top_k is not None):
+        raise ConfigError("top-p and top-k apply to sampling: give a temperature > 0 with them")
+    return s
+
+
+def parse_sampling_list(text: str) -> list[Sampling]:
+    """Comma-separated settings, each `greedy` (= 0) or TEMPERATURE[:TOP_P[:TOP_K]] with an
+    empty field for "off", e.g. `greedy,0.8:0.95,1.0::50`. Raises ConfigError."""
+    settings = []
+    for item in (t.strip() for t in text.split(",")):
+        if item in ("greedy", "0"):
+            settings.append(checked_sampling(0.0, None, None))
+            continue
+        fields = item.split(":")
+        try:
+            if not item or len(fields) > 3:
+                raise ValueError
+            t = float(fields[0])
+            p = float(fields[1]) if len(fields) > 1 and fields[1] else None
+            k = int(fields[2]) if len(fields) > 2 and fields[2] else None
+            settings.append(checked_sampling(t, p, k))
+        except ConfigError as e:  # well formed, bad value
+            raise ConfigError(f"setting {item!r}: {e}") from None
+        except ValueError:
+            raise ConfigError(
+                f"expected comma-separated settings, each `greedy` or "
+                f"TEMPERATURE[:TOP_P[:TOP_K]] (e.g. greedy,0.8:0.95,1.0), got {item!r}"
+            ) from None
+    return settings
+
+
+def sampling_list(text: str) -> list[Sampling]:
+    """argparse type of --sampling: `parse_sampling_list`, its errors as argparse's (which keeps
+    the message, and the parsers of `multitoken.cliargs` turn into one `error:` line)."""
+    try:
+        return parse_sampling_list(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def process_logits(logits: Tensor, s: Sampling) -> Tensor:

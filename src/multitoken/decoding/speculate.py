@@ -10,11 +10,11 @@ and when sampling the distributions they were drawn from). Which token a node ho
 - greedy: node (r_1..r_d) = rank r_d of draft head d+1 (the top-ranked tokens, as before);
 - sampling: a node with k children gets k distinct tokens drawn without replacement from q,
   the processed distribution (same temperature / top-k / top-p as head 1's) of the draft head
-  of the children's depth; child r is draw r+1. A tree, calibrated or default, gives the shape
-  (how many children each node has), not ranks: `calibrate` measures greedy ranks, so a tree
-  it chose is the shape that pays off under greedy decoding, a sensible shape under sampling
-  (earlier draws are likelier tokens on average, as lower ranks are) but not one measured for
-  it.
+  of the children's depth; child r is draw r+1. A tree gives the shape (how many children each
+  node has), not ranks. `calibrate --sampling` measures, per sampling setting, how often each
+  node of a large tree is reached (`StepOut.node`) and chooses the shape from that; without
+  it, the greedy-calibrated tree (chosen from greedy ranks) is used as the shape, a sensible
+  guess (earlier draws are likelier tokens on average, as lower ranks are).
 
 One step:
 
@@ -56,11 +56,17 @@ from multitoken.model import KVCache, MultiTokenModel
 
 @dataclass
 class StepOut:
-    """What one decode step appends: tokens[b, :n[b] + 1] (accepted drafts, then the bonus)."""
+    """What one decode step appends: tokens[b, :n[b] + 1] (accepted drafts, then the bonus).
+
+    node: for speculation, the deepest accepted tree node of each row (0 = the root, j = node
+    j of `Tree.paths`, 1-based); its path is what the step accepted, so n = its depth. None
+    for plain decoding. (`calibrate` counts it to measure how often each node is reached.)
+    """
 
     tokens: Tensor  # [B, W]
     n: Tensor  # [B] drafts accepted
     tried: Tensor  # [B] drafts verified (for per-head acceptance)
+    node: Tensor | None = None  # [B] the accepted node (speculation only)
 
 
 @dataclass
@@ -140,7 +146,7 @@ def speculate_step(engine: Engine, cache: KVCache, tree: Tree, root: Tensor, dra
     if not tree.is_chain and not bool(t["in_place"][acc].all()):
         d = torch.arange(1, D + 1, device=base.device)
         cache.copy_slots(base[:, None] + t["path_nodes"][acc], base[:, None] + d)
-    return StepOut(tokens, emit[:, D + 1], emit[:, D + 2]), nxt, new
+    return StepOut(tokens, emit[:, D + 1], emit[:, D + 2], acc), nxt, new
 
 
 class SpeculativeDecoder:

@@ -157,9 +157,16 @@ class Tree:
 def grow_tree(prob: Callable[[Path], float], max_nodes: int, max_depth: int,
               max_rank: int) -> list[Path]:
     """Greedily add the candidate with the largest P(accepted); returns the paths in order
-    added, so every prefix of the result is itself a tree (the best of each size)."""
+    added, so every prefix of the result is itself a tree (the best of each size).
+
+    A candidate is a child of a chosen node (or of the root) whose earlier siblings are all
+    chosen: node (..., r) only after (..., r - 1). Every prefix of the result is thus closed
+    under parents and under earlier siblings, which sampling needs: there, child r of a node is
+    the (r+1)-th draw without replacement, and a tree holding it must hold draws 1..r too (see
+    `calibrate`). Under greedy, where P(rank r) rarely grows with r, this is the same choice.
+    """
     chosen: list[Path] = []
-    frontier = {(r,) for r in range(max_rank)}
+    frontier = {(0,)}
     for _ in range(max_nodes):
         if not frontier:
             break
@@ -168,8 +175,10 @@ def grow_tree(prob: Callable[[Path], float], max_nodes: int, max_depth: int,
             break
         chosen.append(best)
         frontier.remove(best)
+        if best[-1] + 1 < max_rank:
+            frontier.add(best[:-1] + (best[-1] + 1,))  # its next sibling
         if len(best) < max_depth:
-            frontier.update(best + (r,) for r in range(max_rank))
+            frontier.add(best + (0,))  # its first child
     return chosen
 
 
