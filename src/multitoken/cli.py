@@ -187,6 +187,13 @@ def cmd_module(module: str) -> Callable[[list[str]], int]:
     return run
 
 
+def cmd_experiment(argv: list[str]) -> int:
+    """`experiment pretrained` is a pipeline of its own (docs/pretrained.md), not a sweep."""
+    if argv[:1] == ["pretrained"]:
+        return cmd_module("multitoken.experiments.pretrained")(argv[1:])
+    return cmd_module("multitoken.experiments.runner")(argv)
+
+
 def cmd_bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
         names = ", ".join(BENCHES)
@@ -206,7 +213,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "convert": cmd_module("multitoken.interop"),
     "eval-code": cmd_module("multitoken.codeeval"),
     "add-heads": cmd_add_heads,
-    "experiment": cmd_module("multitoken.experiments.runner"),
+    "experiment": cmd_experiment,
     "bench": cmd_bench,
 }
 
@@ -227,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
               "  convert    import Meta's MTP release or a HF Llama; export to HF Llama\n"
               "  add-heads  give a trained model more (or fewer) heads; plain decoding unchanged\n"
               "  eval-code  HumanEval pass@k, completions run in a sandbox\n"
-              "  experiment paper experiments: induction, polynomial, ntp-vs-mtp, byte-heads\n"
+              "  experiment paper experiments: induction, polynomial, ntp-vs-mtp, byte-heads;\n"
+              "             pretrained: an n=1 model gains heads (docs/pretrained.md)\n"
               "  bench      train-memory | train-speed | decode\n\n"
               "`multitoken COMMAND --help` lists a command's options.")
         return 0

@@ -173,6 +173,7 @@ def run_sweep(exp: Experiment, scale_name: str, n_seeds: int | None, out: Path,
 
 def build_parser() -> cliargs.ArgumentParser:
     names = "\n".join(f"  {n:<11} {e.summary}" for n, e in EXPERIMENTS.items())
+    names += "\n  pretrained  n=1 model -> HF -> add heads -> train them 3 ways (its own --help)"
     p = cliargs.ArgumentParser(
         prog="multitoken experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run one of the paper's experiments: generate its data, train every "
