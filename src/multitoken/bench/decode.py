@@ -142,8 +142,10 @@ def prompts_and_continuations(tokens: Any, n: int, prompt_len: int,
 Decoder = Callable[[list[list[int]], int, int], Decoded]  # (prompts, new tokens, batch index)
 
 
-def _ours(model: MultiTokenModel, setting: Setting, seed: int,
-          mode: dict[str, Any]) -> Decoder:
+def decoder_for(model: MultiTokenModel, setting: Setting, seed: int,
+                mode: dict[str, Any]) -> Decoder:
+    """`generate` with keyword arguments `mode` (e.g. speculative="chain", num_drafts=3) at
+    `setting`, as a bench decoder; batch i samples from seed + i."""
     s = setting.sampling
     device = model.tok_embeddings.weight.device
 
@@ -460,7 +462,7 @@ def main(argv: list[str]) -> int:
     for setting in settings:
         tree, source = trees[setting]
         kws = {**modes, "tree": {**modes["tree"], "tree": tree.paths}} if tree else modes
-        decoders = {m: _ours(model, setting, args.seed, kw) for m, kw in kws.items()}
+        decoders = {m: decoder_for(model, setting, args.seed, kw) for m, kw in kws.items()}
         if hf is not None and setting.sampling.greedy:
             decoders[HF_GREEDY] = lambda b, t, i: hf.greedy(b, t)
             decoders[HF_LOOKUP] = lambda b, t, i: hf.prompt_lookup(b, t, lookup)

@@ -11,6 +11,7 @@ hands it to the experiment's `evaluate`, which returns the job's metrics.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -353,3 +354,44 @@ def write_once(target: Path, write: Callable[[Path], object]) -> Path:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories of experiments (the sweeps' runner and `experiment pretrained`).
+
+RESULTS, PLAN = "results.json", "plan.json"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def claim_out_dir(out: Path, plan: dict[str, Any], what: str, settings: str) -> bool:
+    """Check that `out` may receive this run (`what`: "sweep", "run"); True when it continues
+    an unfinished one with the same plan, which is then kept; otherwise `plan.json` is written.
+
+    Refused: a DIR with results.json, a file, or a non-empty DIR that is not this same run.
+    `settings` names the saved plan's fields to show when plans differ, e.g. "scale, seeds".
+    """
+    if (out / RESULTS).exists():
+        raise ConfigError(f"{out} already holds results ({out / RESULTS}); choose a new --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            saved = json.loads((out / PLAN).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise ConfigError(f"{out} is not empty and holds no unfinished {what}; choose a new "
+                              "--out") from None
+        if saved != plan:
+            shown = ", ".join(f"{k} {saved.get(k)}" for k in settings.split(", "))
+            raise ConfigError(
+                f"{out} holds an unfinished {what} with other settings ({shown}); run the same "
+                "command again to continue it, or choose a new --out")
+        return True
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / PLAN, plan)
+    return False

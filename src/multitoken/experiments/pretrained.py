@@ -69,7 +69,14 @@ from multitoken.distill import distill
 from multitoken.distill import plot as plot_distill
 from multitoken.errors import ConfigError, MultitokenError
 from multitoken.experiments import flops
-from multitoken.experiments.common import eval_device, train_quietly, write_once
+from multitoken.experiments.common import (
+    RESULTS,
+    claim_out_dir,
+    eval_device,
+    train_quietly,
+    write_json,
+    write_once,
+)
 from multitoken.experiments.pretrained_plan import NAME, RECIPES, Plan, check_reference, make_plan
 from multitoken.experiments.pretrained_report import (
     VARIANTS,
@@ -83,38 +90,8 @@ from multitoken.model import MultiTokenModel
 from multitoken.tokenizer import ByteTokenizer, load_tokenizer
 from multitoken.train import TrainingInterrupted
 
-RESULTS, PLAN = "results.json", "plan.json"
-
 # ---------------------------------------------------------------------------------------------
 # The output directory.
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def claim_out_dir(out: Path, plan: dict[str, Any]) -> None:
-    """Refuse a DIR with results, a file, or a non-empty DIR that is not this same run."""
-    if (out / RESULTS).exists():
-        raise ConfigError(f"{out} already holds results ({out / RESULTS}); choose a new --out")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            saved = json.loads((out / PLAN).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise ConfigError(f"{out} is not empty and holds no unfinished run; choose a new "
-                              "--out") from None
-        if saved != plan:
-            raise ConfigError(
-                f"{out} holds an unfinished run with other settings (scale {saved.get('scale')}, "
-                f"reference {saved.get('reference')}); run the same command again to continue "
-                "it, or choose a new --out")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / PLAN, plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +287,7 @@ def write_results(out: Path, summary: dict[str, Any]) -> None:
         f"{'yes' if summary['hf_roundtrip_identical'] else 'NO'}.\n\n{markdown(summary)}\n\n"
         "![results](results.png)\n\nEverything per stage: `results.json`.\n", encoding="utf-8")
     plot(summary["results"], out / "results.png")
-    _write_json(out / RESULTS, summary)
+    write_json(out / RESULTS, summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +304,7 @@ def run_demo(scale_name: str, out: Path, reference: str | None,
     plan = make_plan(scale_name, out, None)
     if reference is not None:
         plan.reference = check_reference(reference, plan.n1, plan.scale)
-    claim_out_dir(out, plan.as_json())
+    claim_out_dir(out, plan.as_json(), "run", "scale, reference")
     (out / "stages").mkdir(exist_ok=True)
     for stale in out.glob(".*.tmp-*"):  # what an interrupted stage left half written
         shutil.rmtree(stale, ignore_errors=True)
@@ -347,7 +324,7 @@ def run_demo(scale_name: str, out: Path, reference: str | None,
                 t = time.perf_counter()
                 record = fn()
                 record["seconds"] = time.perf_counter() - t
-                _write_json(path, record)
+                write_json(path, record)
             pipe.records[name] = record
             bar.update(1)
     command = (f"multitoken experiment {NAME}" + (" --quick" if scale_name == "quick" else "")

@@ -22,14 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
 from multitoken.bench.common import distinct_ngram_ratio
-from multitoken.bench.decode import NGRAM, Decoder, Setting, make_setting, run_setting
-from multitoken.bench.hf_baselines import Decoded
+from multitoken.bench.decode import NGRAM, Setting, decoder_for, make_setting, run_setting
 from multitoken.data import val_batches
-from multitoken.decoding.generate import generate
 from multitoken.experiments.common import bits_per_byte, markdown_table
 from multitoken.model import MultiTokenModel
 from multitoken.train import evaluate
@@ -54,23 +51,6 @@ def head_bits_per_byte(model: MultiTokenModel, val: np.ndarray, seq_len: int, ba
     return [bits_per_byte(x) for x in res["head_loss"]]
 
 
-def _decoder(model: MultiTokenModel, setting: Setting, seed: int,
-             mode: dict[str, Any]) -> Decoder:
-    """One mode of `generate` as a bench decoder; batch i samples from seed + i."""
-    s = setting.sampling
-    device = model.tok_embeddings.weight.device
-
-    def run(batch: list[list[int]], new_tokens: int, i: int) -> Decoded:
-        gen = None if s.greedy else torch.Generator(device=device).manual_seed(seed + i)
-        res = generate(model, batch, new_tokens, temperature=s.temperature, top_k=s.top_k,
-                       top_p=s.top_p, generator=gen, **mode)
-        st = res.stats
-        return Decoded(res.tokens, st.wall_time_s, st.forwards, st.sequence_forwards,
-                       st.tokens_per_forward * st.sequence_forwards)
-
-    return run
-
-
 def decode_runs(model: MultiTokenModel, prompts: list[list[int]], new_tokens: int, seed: int,
                 speculative: bool) -> tuple[dict[str, Any], dict[str, list[list[int]]]]:
     """Every setting of SETTINGS: {label: run summary} and {label: plain decoding's outputs}.
@@ -84,10 +64,10 @@ def decode_runs(model: MultiTokenModel, prompts: list[list[int]], new_tokens: in
     outputs: dict[str, list[list[int]]] = {}
     for setting in SETTINGS:
         greedy = setting.sampling.greedy
-        decoders = {"plain": _decoder(model, setting, seed, {})}
+        decoders = {"plain": decoder_for(model, setting, seed, {"speculative": "off"})}
         for k in ks:
-            decoders[f"chain-{k}"] = _decoder(model, setting, seed,
-                                              {"speculative": "chain", "num_drafts": k})
+            decoders[f"chain-{k}"] = decoder_for(model, setting, seed,
+                                                 {"speculative": "chain", "num_drafts": k})
         acc = run_setting(decoders, batches, new_tokens, greedy)
         plain_tok_s = acc["plain"]["tokens"] / acc["plain"]["seconds"]
         modes = {}

@@ -40,11 +40,14 @@ from multitoken.config import ParallelConfig, to_dict
 from multitoken.distributed import DistGroup, join
 from multitoken.errors import ConfigError
 from multitoken.experiments.common import (
+    RESULTS,
     SCALES,
     Experiment,
     Job,
+    claim_out_dir,
     eval_device,
     train_quietly,
+    write_json,
 )
 from multitoken.experiments.exp_byte_heads import ByteHeadsExperiment
 from multitoken.experiments.exp_induction import InductionExperiment
@@ -55,46 +58,12 @@ from multitoken.train import TrainingInterrupted
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     InductionExperiment(), PolynomialExperiment(), NtpVsMtpExperiment(), ByteHeadsExperiment())}
 
-RESULTS = "results.json"
-PLAN = "plan.json"
 
 
 def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
     return EXPERIMENTS[name]
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def claim_out_dir(out: Path, plan: dict[str, Any]) -> bool:
-    """Check that `out` may receive this sweep; True when it continues an unfinished one.
-
-    Refused: a DIR with results.json, a file, or a non-empty DIR that is not this same sweep.
-    """
-    if (out / RESULTS).exists():
-        raise ConfigError(f"{out} already holds results ({out / RESULTS}); choose a new --out")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            saved = json.loads((out / PLAN).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise ConfigError(f"{out} is not empty and holds no unfinished sweep; choose a new "
-                              "--out") from None
-        if saved != plan:
-            raise ConfigError(
-                f"{out} holds an unfinished sweep with other settings ({saved.get('experiment')}, "
-                f"scale {saved.get('scale')}, seeds {saved.get('seeds')}); run the same command "
-                "again to continue it, or choose a new --out")
-        return True
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / PLAN, plan)
-    return False
 
 
 def run_job(exp: Experiment, job: Job, scale: Any, out: Path, group: DistGroup
@@ -109,7 +78,7 @@ def run_job(exp: Experiment, job: Job, scale: Any, out: Path, group: DistGroup
     rows = exp.rows(job, model.num_params(), metrics)
     record = {"rows": rows, "seconds": time.perf_counter() - t0}
     if group.is_main:
-        _write_json(_record(out, job), record)
+        write_json(_record(out, job), record)
     return record
 
 
@@ -137,7 +106,7 @@ def run_sweep(exp: Experiment, scale_name: str, n_seeds: int | None, out: Path,
         "jobs": {j.key: to_dict(j.cfg) for j in jobs}}))
     finished: set[str] = set()
     with group.agreement():  # rank 0's verdict on DIR: every rank goes on, or every rank stops
-        if group.is_main and claim_out_dir(out, plan):
+        if group.is_main and claim_out_dir(out, plan, "sweep", "experiment, scale, seeds"):
             finished = {j.key for j in jobs if _record(out, j).is_file()}
     finished = group.broadcast_object(finished)
     rows: list[dict[str, Any]] = []
@@ -167,7 +136,7 @@ def run_sweep(exp: Experiment, scale_name: str, n_seeds: int | None, out: Path,
             f"{', '.join(map(str, seeds))} (mean ± sample std over seeds).\n\n{table}\n\n"
             f"![{exp.name}](results.png)\n\nPer-seed rows: `results.json`.\n", encoding="utf-8")
         exp.plot(rows, out / "results.png")
-        _write_json(out / RESULTS, summary)
+        write_json(out / RESULTS, summary)
     return summary
 
 
