@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import torch
 
-from multitoken import cliargs, generate
+from multitoken import cliargs, flops, generate
 from multitoken.checkpoint import load_checkpoint, read_config, save_checkpoint
 from multitoken.cli import main
 from multitoken.config import ModelConfig, RunConfig, TrainConfig
-from multitoken.experiments import flops, pretrained, pretrained_plan
+from multitoken.experiments import pretrained, pretrained_plan
 from multitoken.experiments.pretrained_report import SETTINGS as DECODE_SETTINGS
 from multitoken.model import MultiTokenModel
 from multitoken.tokenizer import ByteTokenizer

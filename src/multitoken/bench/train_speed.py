@@ -30,7 +30,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from multitoken import cliargs
+from multitoken import cliargs, flops
 from multitoken.bench.common import (
     Timer,
     format_table,
@@ -47,18 +47,11 @@ from multitoken.model import MultiTokenModel
 TARGET = 1.05  # issue 2: measured ratio <= 1.05 x FLOP ratio
 
 
-def layer_matmul_params(cfg: ModelConfig) -> int:
-    """Weights of one transformer layer that multiply every token (attention + SwiGLU)."""
-    d, hd = cfg.dim, cfg.head_dim
-    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo; wk, wv
-    return attn + 3 * d * cfg.hidden_dim  # w1, w3, w2
-
-
 def train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> int:
     """Matmul FLOPs of one training step's forward + backward (see the module docstring)."""
     tokens = batch * seq_len
     n_layers = cfg.n_trunk_layers + (cfg.n_future if cfg.layer_heads else 0)
-    params = n_layers * layer_matmul_params(cfg)
+    params = n_layers * flops.layer_params(cfg)
     if not cfg.layer_heads:  # linear heads: one d x d map each
         params += cfg.n_future * cfg.dim * cfg.dim
     params += cfg.n_future * cfg.vocab_size * cfg.dim  # the shared unembedding, once per head
@@ -163,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
               f"n={args.n_future} {mtp.times[-1]:.3f} s", file=sys.stderr, flush=True)
 
     rows = []
-    flops = {}
+    step_flops = {}
     for name, arm in (("ntp", ntp), ("mtp", mtp)):
         f = train_flops(arm.cfg, args.batch, args.seq_len)
-        flops[name] = f
+        step_flops[name] = f
         med = median(arm.times)
         rows.append([name, arm.cfg.n_future, f"{arm.cfg.n_trunk_layers}+{arm.cfg.n_future}",
                      arm.method, sum(p.numel() for p in arm.model.parameters()),
@@ -175,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                         "GFLOP/step", "median s", "min s", "GFLOP/s"], rows))
     ntp_s, mtp_s = median(ntp.times), median(mtp.times)
     ratio = mtp_s / ntp_s
-    flop_ratio = flops["mtp"] / flops["ntp"]
+    flop_ratio = step_flops["mtp"] / step_flops["ntp"]
     met = ratio <= TARGET * flop_ratio
     print(f"time ratio {ratio:.3f}, FLOP ratio {flop_ratio:.3f}, time/FLOP ratio "
           f"{ratio / flop_ratio:.3f} (target <= {TARGET}) -> {'met' if met else 'MISSED'}")

@@ -25,7 +25,7 @@ results.md and results.png; the last line printed is one JSON object {"experimen
 
 Equal compute: the budget is the training of the n=4 recipe (configs/code-n4.yaml); each way
 of training the heads gets what the n=1 pretraining leaves of it, in estimated FLOPs
-(`multitoken.experiments.flops`), which sets its steps. Wall time is reported beside.
+(`multitoken.flops`), which sets its steps. Wall time is reported beside.
 
 A run stopped part way (Ctrl-C saves a training stage's checkpoint) continues when the same
 command is run again with the same DIR: finished stages are not redone. A DIR that holds
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from multitoken import cliargs
+from multitoken import cliargs, flops
 from multitoken.addheads import add_heads, run_config_with
 from multitoken.bench.common import distinct_ngram_ratio
 from multitoken.bench.decode import NGRAM, prompts_and_continuations
@@ -68,7 +68,6 @@ from multitoken.data import prepare_data
 from multitoken.distill import distill
 from multitoken.distill import plot as plot_distill
 from multitoken.errors import ConfigError, MultitokenError
-from multitoken.experiments import flops
 from multitoken.experiments.common import (
     RESULTS,
     claim_out_dir,

@@ -3,7 +3,7 @@ runs, from the two shipped recipes and the compute budget.
 
 The budget is the training of the n=4 recipe (configs/code-n4.yaml); the n=1 recipe
 (configs/code-n1.yaml) pretrains the model that gains heads; each way of training the heads
-gets what the pretraining leaves, in estimated FLOPs (`multitoken.experiments.flops`), which
+gets what the pretraining leaves, in estimated FLOPs (`multitoken.flops`), which
 sets its number of steps: (a) heads 2..n alone with the paper's loss and (c) full fine-tuning
 take the n=4 recipe's batch, window, loss and learning-rate schedule shape; (b) distillation
 takes `DistillConfig` settings, sampled at T=0.8 / top-p 0.95, and pays for decoding its
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from multitoken import flops
 from multitoken.checkpoint import find_checkpoint, model_config_from, read_config
 from multitoken.config import DistillConfig, ModelConfig, RunConfig, load_run_config
 from multitoken.errors import ConfigError
-from multitoken.experiments import flops
 from multitoken.tokenizer import ByteTokenizer, load_tokenizer
 
 NAME = "pretrained"

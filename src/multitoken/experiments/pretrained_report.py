@@ -142,7 +142,7 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n\n".join([
         "## Compute\n\nBudget: the training of the n=4 recipe "
         f"(`{b['recipe']}`), {b['total']:.3g} FLOPs (estimated, "
-        "`multitoken/experiments/flops.py`). Each way of training the heads gets what the n=1 "
+        "`multitoken/flops.py`). Each way of training the heads gets what the n=1 "
         "pretraining leaves of it.\n\n" + markdown_table(
             ["stage", "what", "steps", "FLOPs", "of budget", "wall time"], stage_rows),
         "## Models\n\n`plain = base`: plain decoding equals the n=1 base model's token for "

@@ -1,4 +1,5 @@
-"""Training compute in FLOPs, for comparisons at equal compute (`experiment pretrained`).
+"""Training compute in FLOPs, for comparisons at equal compute (`experiment pretrained`)
+and the weights a layer multiplies every token by (`bench train-speed`).
 
 Counted per token, matrix multiplications only (norms, rotary, softmax, the optimizer and the
 embedding lookup are left out: a few percent at the shapes trained here):
