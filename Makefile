@@ -30,7 +30,7 @@ demo: setup
 
 # issue 12's demonstration (docs/pretrained.md): n=1 model -> Hugging Face -> add heads -> train
 # them three ways at equal compute with code-n4 -> decoding speed. About 1 h 40 min on 2 quiet
-# cores. REFERENCE=runs/code-n4-v2 adds the n=4 model trained from scratch; the same
+# cores. REFERENCE=runs/code-n4 adds the n=4 model trained from scratch; the same
 # PRETRAINED_DIR again continues a stopped run.
 pretrained-demo: setup
 	$(BIN)/multitoken experiment pretrained --out $(PRETRAINED_DIR) $(if $(REFERENCE),--reference $(REFERENCE))
