@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,21 @@ def path_probs(ranks: np.ndarray, max_rank: int) -> dict[TreePath, float]:
 # The choice.
 
 
+def chosen(choices: dict[str, Any], batch_sizes: Sequence[int]) -> dict[str, Any]:
+    """The fields of calibration.json (greedy, or one sampling setting) that name the choice:
+    the first batch size's mode, chain length and tree, and the choice per batch size."""
+    first = choices[str(batch_sizes[0])]
+    return {"best_mode": first["best_mode"], "best_k": first["best_k"], "tree": first["tree"],
+            "by_batch_size": choices}
+
+
+def chain_acceptance(prob: Callable[[TreePath], float], depth: int) -> list[float]:
+    """Acceptance of chain draft d given drafts 1..d-1 were: P(reach (0,)*d) / P(reach
+    (0,)*(d-1)), for d = 1..depth."""
+    return [prob((0,) * d) / max(prob((0,) * (d - 1)) if d > 1 else 1.0, 1e-12)
+            for d in range(1, depth + 1)]
+
+
 def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prompts: int = 16,
               prompt_len: int = 128, gen_len: int = 256, max_rank: int = 8, max_nodes: int = 32,
               batch_sizes: tuple[int, ...] = (1,), reps: int = 20,
@@ -253,17 +268,13 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
     first = choices[str(batch_sizes[0])]
     cal = {
         "version": 1,
-        "best_mode": first["best_mode"],
-        "best_k": first["best_k"],
-        "tree": first["tree"],
-        "by_batch_size": choices,
+        **chosen(choices, batch_sizes),
         "expected_tokens_per_forward": {
             "chain": {str(k): v for k, v in chain_e.items()},
             "tree": simulate_tokens_per_forward(ranks, [tuple(p) for p in first["tree"]]),
         },
         "acceptance": {
-            "chain": [prob((0,) * d) / max(prob((0,) * (d - 1)) if d > 1 else 1.0, 1e-12)
-                      for d in range(1, D + 1)],
+            "chain": chain_acceptance(prob, D),
             "top_r": [[prob((0,) * (d - 1) + (r,)) for r in range(max_rank)]
                       for d in range(1, D + 1)],
         },
@@ -353,17 +364,13 @@ def calibrate_setting(model: MultiTokenModel, prompts: list[list[int]], gen_len:
     return {
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
                      "top_k": sampling.top_k},
-        "best_mode": first["best_mode"],
-        "best_k": first["best_k"],
-        "tree": first["tree"],
-        "by_batch_size": choices,
+        **chosen(choices, batch_sizes),
         "expected_tokens_per_forward": {
             "chain": {str(k): v for k, v in chain_e.items()},
             "tree": 1.0 + sum(prob(p) for p in first["tree"]),
             "tree_by_size": {str(s): v for s, v in tree_e.items()},
         },
-        "acceptance": {"chain": [prob((0,) * d) / max(prob((0,) * (d - 1)) if d > 1 else 1.0,
-                                                      1e-12) for d in range(1, D + 1)]},
+        "acceptance": {"chain": chain_acceptance(prob, D)},
         "tree_order": [list(p) for p in grown],
         "reach": {",".join(map(str, p)): prob(p) for p in mtree.paths},
         "forward_cost": costs,
