@@ -204,10 +204,10 @@ def load_weights(path: Path, model: MultiTokenModel, *, strict: bool = True) -> 
     load_state_dict_checked(model, tensors, path, strict=strict)
 
 
-def load_state_dict_checked(model: MultiTokenModel, tensors: dict[str, torch.Tensor],
-                            path: Path | str, *, strict: bool = True) -> None:
-    """Load `tensors` (from the file or directory `path`) into `model`; any missing,
-    unexpected or wrongly shaped weight is one clear error."""
+def check_state_dict(model: MultiTokenModel, tensors: dict[str, torch.Tensor],
+                     path: Path | str, *, strict: bool = True) -> None:
+    """One clear error for any missing, unexpected or wrongly shaped weight of `tensors` (from
+    the file or directory `path`) for `model`; reads shapes only (a meta model will do)."""
     expected = model.state_dict()
     if model.cfg.tie_embeddings:
         expected.pop("output.weight", None)
@@ -223,7 +223,21 @@ def load_state_dict_checked(model: MultiTokenModel, tensors: dict[str, torch.Ten
             raise CheckpointError(
                 f"weights in {path} do not match the config: {name} has shape "
                 f"{tuple(t.shape)}, the config implies {tuple(expected[name].shape)}")
-    model.load_state_dict(tensors, strict=False)
+
+
+def load_state_dict_checked(model: MultiTokenModel, tensors: dict[str, torch.Tensor],
+                            path: Path | str, *, strict: bool = True,
+                            assign: bool = False) -> None:
+    """Load `tensors` (from the file or directory `path`) into `model`; any missing,
+    unexpected or wrongly shaped weight is one clear error. `assign`: the tensors become the
+    parameters (as they are: device, dtype) instead of being copied into them, for a model
+    built on the meta device; a tied unembedding is tied again to the new embedding."""
+    check_state_dict(model, tensors, path, strict=strict)
+    model.load_state_dict(tensors, strict=False, assign=assign)
+    if assign and model.cfg.tie_embeddings:  # assigning replaced only the embedding's Parameter
+        model.output.weight = model.tok_embeddings.weight
+    if assign and (left := [n for n, p in model.named_parameters() if p.is_meta]):
+        raise CheckpointError(f"weights in {path} do not match the config: missing {left[:4]}")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",

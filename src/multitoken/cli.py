@@ -100,7 +100,7 @@ def _print_sample(run_dir: str, prompt: str, n_tokens: int) -> None:
     from multitoken.decoding.generate import generate
 
     model, tok = load_checkpoint(run_dir)
-    ids = tok.encode(prompt)
+    ids = tok.encode_prompt(prompt)
     res = generate(model, ids, max_new_tokens=min(n_tokens, model.cfg.max_seq_len - len(ids)))
     print(f"\nsample (greedy, head 1):\n{prompt}{tok.decode(res.tokens[0])}")
 

@@ -215,8 +215,11 @@ def sample_completions(model: MultiTokenModel, tokenizer: Any,
     bar = tqdm(total=len(problems) * samples, desc="sampling", unit="sample", disable=not progress,
                leave=False)
     for prob in problems:
-        ids = tokenizer.encode(prob["prompt"])
-        kept, new = fit_context(ids, max_new_tokens, ctx)
+        ids = tokenizer.encode_prompt(prob["prompt"])
+        # A prompt cut to fit keeps its bos (if any): the model expects one first.
+        lead = ids[:1] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+        kept, new = fit_context(ids[len(lead):], max_new_tokens, ctx - len(lead))
+        kept = lead + kept
         stats["prompts_cut"] += len(kept) < len(ids)
         distinct = 1 if temperature == 0 else samples
         texts: list[str] = []

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from multitoken import cliargs
 from multitoken.checkpoint import (
+    check_state_dict,
     check_tokenizer,
     load_checkpoint,
     load_state_dict_checked,
@@ -53,7 +54,7 @@ from multitoken.checkpoint import (
 from multitoken.config import ModelConfig
 from multitoken.errors import CheckpointError, MultitokenError
 from multitoken.model import MultiTokenModel
-from multitoken.tokenizer import SPM_FILE, Tokenizer, load_tokenizer
+from multitoken.tokenizer import SPM_FILE, Tokenizer, hf_for_prompts, load_tokenizer
 
 _LAYER = {  # ours -> Hugging Face, inside one transformer layer
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -86,10 +87,23 @@ def interleaved_to_halves(w: Tensor, n_heads: int) -> Tensor:
 
 def _finish(cfg: ModelConfig, sd: dict[str, Tensor], where: Path,
             dtype: torch.dtype | None) -> MultiTokenModel:
-    model = MultiTokenModel(cfg)
-    load_state_dict_checked(model, sd, where)
-    if dtype is not None:
-        model.to(dtype)
+    """The model of `cfg` holding `sd` (our names), on the CPU, in `dtype` (None: fp32, the
+    dtype of a model built without one); `sd`'s tensors are replaced as they are cast.
+
+    The model is built on the meta device: no weights are allocated or randomly initialised,
+    and the weights are never held in fp32 unless fp32 is asked for. Each tensor is cast once
+    into memory of its own, which becomes the parameter: the peak is the model in `dtype` plus
+    the file's mapped pages (see _read_safetensors), which the system can drop. Owning the
+    weights, not viewing the file's mapping, keeps the model valid if the file is rewritten."""
+    with torch.device("meta"):
+        model = MultiTokenModel(cfg)
+    check_state_dict(model, sd, where)  # before any time is spent casting
+    target = torch.float32 if dtype is None else dtype
+    for name in list(sd):  # one at a time, so an intermediate (Meta's permuted q/k) is freed
+        sd[name] = sd[name].to(dtype=target, memory_format=torch.contiguous_format, copy=True)
+    load_state_dict_checked(model, sd, where, assign=True)
+    # The rotary tables, in `dtype` as `model.to(dtype)` would leave them.
+    model.reset_buffers(torch.device("cpu"), dtype)
     return model.eval()
 
 
@@ -392,6 +406,9 @@ def _hf_weight_files(d: Path) -> list[Path]:
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, as views of a private memory map of it (what
+    `load_file` gives on the CPU): nothing is copied here, a page is read when _finish casts
+    the tensor that lies on it. A truncated file or a bad header is one CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"missing {path}")
     try:
@@ -464,21 +481,25 @@ def _special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
 def export_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, max_seq_len: int) -> Path:
     """Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` so that
     `transformers.AutoTokenizer.from_pretrained(directory)` encodes every text to the ids
-    `tokenizer.encode` gives and decodes them back to the same text.
+    `tokenizer.encode_prompt` gives (`tokenizer.encode`'s with add_special_tokens=False) and
+    decodes them back to the same text.
 
     Two settings make that hold: `split_special_tokens` (a literal "<eos>" in a text is text, as
     in multitoken's data pipeline) and `clean_up_tokenization_spaces: false` (transformers would
-    otherwise delete spaces before punctuation when decoding). No bos is prepended: multitoken
-    trains without one. A foreign tokenizer.json keeps its own post-processor, if it has one.
+    otherwise delete spaces before punctuation when decoding). Bos is prepended exactly when
+    `tokenizer.add_bos` (never for models trained here: multitoken trains without one), by the
+    tokenizer.json post-processor, which is what transformers follows, and recorded as
+    `add_bos_token` so that `convert --hf` reads the flag back.
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "tokenizer.json").write_text(tokenizer.to_hf().to_str(pretty=True) + "\n",
+    (d / "tokenizer.json").write_text(hf_for_prompts(tokenizer).to_str(pretty=True) + "\n",
                                       encoding="utf-8")
     specials = _special_tokens(tokenizer)
     _write_json(d / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_seq_len,
-        "split_special_tokens": True, "clean_up_tokenization_spaces": False, **specials})
+        "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+        "add_bos_token": tokenizer.add_bos, **specials})
     _write_json(d / "special_tokens_map.json", specials)
     return d
 
@@ -633,14 +654,15 @@ def main(argv: list[str]) -> int:
     out = fresh(args.out, "--out")
     if args.meta:
         # The tokenizer first: a missing one is reported before reading gigabytes of weights.
-        tokenizer = load_tokenizer(args.tokenizer or meta_tokenizer_path(args.meta))
+        tokenizer = load_tokenizer(args.tokenizer or meta_tokenizer_path(args.meta), imported=True)
         model = load_meta(args.meta, max_seq_len=args.max_seq_len or 4096)
     else:
         spec = hf_config(args.hf, max_seq_len=args.max_seq_len)  # refuses before any weights
         for note in spec.notes:
             print(f"note: {note}", file=sys.stderr)
         model = load_hf(args.hf, max_seq_len=args.max_seq_len)
-        tokenizer = load_tokenizer(args.tokenizer or Path(args.hf) / "tokenizer.json")
+        tokenizer = load_tokenizer(args.tokenizer or Path(args.hf) / "tokenizer.json",
+                                   imported=True)
     check_tokenizer(tokenizer, model.cfg, None, args.tokenizer or args.meta or args.hf)
     save_checkpoint(out, model, tokenizer, extra={"converted_from": args.meta or args.hf})
     print(f"wrote {out}: {model.num_params() / 1e6:.1f}M non-embedding parameters, "

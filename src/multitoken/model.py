@@ -239,7 +239,15 @@ class MultiTokenModel(nn.Module):
         if not self.cfg.layer_heads:  # linear heads start as the identity map
             for h in self.heads:
                 nn.init.eye_(h.weight)
-        self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device)
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+        """Recompute the buffers __init__ computes (the rotary tables, never in a state dict)
+        on `device` (default: where they are) in `dtype` (default fp32): a model built on the
+        meta device gets real ones this way."""
+        device = self.rope_cos.device if device is None else device
+        self.rope_cos, self.rope_sin = (t.to(device=device, dtype=dtype)
                                         for t in model_rope_tables(self.cfg))
 
     @property

@@ -14,6 +14,16 @@ is what `multitoken convert --to-hf` writes as the exported model's `tokenizer.j
 A third kind, `SentencePieceTokenizer`, wraps a SentencePiece model file as it is (the Llama 2
 `tokenizer.model` of Meta's MTP release): the `sentencepiece` package encodes and decodes, so
 its ids are SentencePiece's own; it saves as `<dir>/tokenizer.model`.
+
+Prompts (`encode_prompt`, for decoding) start with bos when `add_bos` says the model was
+trained so. It is set where a model is imported (`load_tokenizer(..., imported=True)`, for
+`convert --hf / --meta`): a Hugging Face directory's `tokenizer_config.json` `add_bos_token`,
+else whether its tokenizer.json post-processor puts bos first (as transformers does); True for
+a SentencePiece model (Llama's convention: Meta's generation code prepends bos). It is never
+set for the byte tokenizer or a tokenizer a model is trained from scratch with here: the data
+pipeline never inserts bos. `save` records it beside the tokenizer as `tokenizer_config.json`
+`add_bos_token` (transformers' key), and a checkpoint without that file (written before the
+flag existed) loads with False, as it decoded then.
 """
 
 from __future__ import annotations
@@ -31,13 +41,22 @@ from typing import Any
 
 import numpy as np
 import sentencepiece
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from tokenizers import Tokenizer as HFTokenizer
 
 from multitoken.errors import CheckpointError, ConfigError, DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 SPM_FILE = "tokenizer.model"  # a SentencePiece model (Meta's Llama tokenizers), kept as it is
+CONFIG_FILE = "tokenizer_config.json"  # beside either: `add_bos_token` (transformers' key)
 _BYTES_FORMAT = "multitoken-bytes"
 # Bump when the BPE training recipe changes so cached tokenizers trained the old way are not reused.
 _BPE_RECIPE_VERSION = 1
@@ -86,9 +105,17 @@ class Tokenizer(ABC):
     # inserts either (documents are only separated by eos); exports name them for other tools.
     bos_id: int | None = None
     unk_id: int | None = None
+    # Whether a prompt starts with bos (`encode_prompt`); see the module docstring.
+    add_bos: bool = False
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a model is prompted with for decoding: `encode(text)`, after bos where
+        `add_bos` says the model was trained with one. Training data uses `encode` (no bos)."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
@@ -234,8 +261,11 @@ class BPETokenizer(Tokenizer):
 
     def save(self, directory: str | Path) -> None:
         _atomic_write_text(Path(directory) / TOKENIZER_FILE, self.hf.to_str(pretty=True) + "\n")
+        _save_add_bos(directory, self.add_bos)
 
     def fingerprint(self) -> str:
+        # `add_bos` is left out: it changes no id `encode` gives, and checkpoints written before
+        # it existed must still match their recorded fingerprint.
         if self._fingerprint is None:
             spec = json.loads(self.hf.to_str())
             # Truncation/padding settings do not change ids of a plain encode; leave them out
@@ -248,6 +278,64 @@ class BPETokenizer(Tokenizer):
     def to_hf(self) -> HFTokenizer:
         """The wrapped tokenizer itself (not a copy)."""
         return self.hf
+
+
+def post_processor_adds_bos(hf: Any, bos_id: int | None) -> bool:
+    """Whether encoding with `hf`'s post-processor (add_special_tokens=True, what transformers
+    does by default) puts `bos_id` before the text's ids. Asked of the tokenizer itself rather
+    than read from the JSON, so every processor kind (TemplateProcessing, a Sequence holding
+    one, RobertaProcessing) answers the same way."""
+    if bos_id is None or hf.post_processor is None:
+        return False
+    plain = hf.encode("a", add_special_tokens=False).ids
+    full = hf.encode("a", add_special_tokens=True).ids
+    return full[:1] == [bos_id] and full[1:len(plain) + 1] == plain
+
+
+def hf_for_prompts(tokenizer: Tokenizer) -> HFTokenizer:
+    """`tokenizer.to_hf()` whose post-processor puts bos first exactly when `add_bos`, so that
+    encoding with its defaults (add_special_tokens=True, as transformers does) gives
+    `encode_prompt`'s ids, and without special tokens `encode`'s. A post-processor that
+    already agrees is kept; the object `to_hf` returns is never changed."""
+    hf = tokenizer.to_hf()
+    bos_id = tokenizer.bos_id
+    if post_processor_adds_bos(hf, bos_id) == tokenizer.add_bos:
+        return hf
+    hf = HFTokenizer.from_str(hf.to_str())  # BPETokenizer.to_hf is the wrapped tokenizer itself
+    hf.encode_special_tokens = True
+    if tokenizer.add_bos and bos_id is not None:
+        bos = hf.id_to_token(bos_id)
+        # Llama's template: bos before each sequence of a pair too.
+        hf.post_processor = processors.TemplateProcessing(
+            single=[bos, "$A"], pair=[bos, "$A", f"{bos}:1", "$B:1"],
+            special_tokens=[(bos, bos_id)])
+    else:
+        hf.post_processor = None
+    return hf
+
+
+def _save_add_bos(directory: str | Path, add_bos: bool) -> None:
+    _atomic_write_text(Path(directory) / CONFIG_FILE,
+                       json.dumps({"add_bos_token": add_bos}, indent=2) + "\n")
+
+
+def _configured_add_bos(tokenizer_file: Path) -> bool | None:
+    """`add_bos_token` of the tokenizer_config.json beside a tokenizer.json or tokenizer.model
+    (a Hugging Face directory's, or the one `save` writes); None when there is no such file or
+    it does not set the key. A differently named tokenizer file has no such companion."""
+    if tokenizer_file.name not in (TOKENIZER_FILE, SPM_FILE):
+        return None
+    p = tokenizer_file.parent / CONFIG_FILE
+    if not p.is_file():
+        return None
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupt tokenizer file {p}: {str(e).splitlines()[0]}") from None
+    value = cfg.get("add_bos_token") if isinstance(cfg, dict) else None
+    if value is not None and not isinstance(value, bool):
+        raise CheckpointError(f"{p}: add_bos_token must be true or false, got {value!r}")
+    return value
 
 
 def _first_token_id(hf: Any, names: Sequence[str]) -> int | None:
@@ -432,6 +520,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, directory: str | Path) -> None:
         _atomic_write_bytes(Path(directory) / SPM_FILE, self.proto)
+        _save_add_bos(directory, self.add_bos)
 
     def fingerprint(self) -> str:
         return _short_hash({"type": "sentencepiece",
@@ -522,16 +611,46 @@ def train_bpe(files: list[Path], vocab_size: int) -> BPETokenizer:
     return BPETokenizer(hf)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def load_tokenizer(path: str | Path, *, imported: bool = False) -> Tokenizer:
     """Load a directory written by `Tokenizer.save`, any Hugging Face tokenizer.json, or a
     SentencePiece model (a `.model` file, or a directory holding `tokenizer.model` and no
-    `tokenizer.json`)."""
+    `tokenizer.json`).
+
+    `add_bos` is the `add_bos_token` of a tokenizer_config.json beside tokenizer.json /
+    tokenizer.model. Where that says nothing it is False, unless `imported` (the tokenizer of a
+    model from elsewhere): then it is what the tokenizer itself does, see `source_adds_bos`.
+    The byte tokenizer never adds bos."""
     p = Path(path)
     if p.is_dir():
         if (p / SPM_FILE).is_file() and not (p / TOKENIZER_FILE).exists():
             p = p / SPM_FILE
         else:
             p = p / TOKENIZER_FILE
+    tok = _load_tokenizer_file(p)
+    if isinstance(tok, ByteTokenizer):
+        return tok
+    add_bos = _configured_add_bos(p)
+    if add_bos is None:
+        add_bos = imported and source_adds_bos(tok)
+    if add_bos and tok.bos_id is None:
+        raise CheckpointError(f"{p.parent / CONFIG_FILE}: add_bos_token is true but the "
+                              f"tokenizer has no beginning-of-sequence token (looked for "
+                              f"{', '.join(_BOS_NAMES)})")
+    tok.add_bos = add_bos
+    return tok
+
+
+def source_adds_bos(tok: Tokenizer) -> bool:
+    """Whether the model a tokenizer came with expects bos first when nothing says otherwise:
+    a Hugging Face tokenizer.json when its post-processor puts bos first (Llama 3's does, and
+    transformers encodes prompts with it); a SentencePiece model when it has a bos (Meta's
+    Llama generation code prepends it to every prompt)."""
+    if isinstance(tok, BPETokenizer):
+        return post_processor_adds_bos(tok.hf, tok.bos_id)
+    return isinstance(tok, SentencePieceTokenizer) and tok.bos_id is not None
+
+
+def _load_tokenizer_file(p: Path) -> Tokenizer:
     if p.suffix == ".model" and p.is_file():
         return SentencePieceTokenizer.from_file(p)
     if not p.is_file():
@@ -591,4 +710,8 @@ def make_tokenizer(
             f"data.tokenizer must be 'bytes', 'bpe' or a path to a tokenizer.json; "
             f"no such file or directory: {spec}"
         )
-    return load_tokenizer(spec)
+    tok = load_tokenizer(spec)
+    # A model trained from scratch here sees no bos (the pipeline only separates documents with
+    # eos), so it is prompted without one, whatever a tokenizer_config.json beside it says.
+    tok.add_bos = False
+    return tok

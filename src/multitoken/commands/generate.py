@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
     if calib and mode == "chain" and num_drafts is None:
         num_drafts = calib.get("best_k")
     check_num_drafts(model, mode, num_drafts)
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode_prompt(text)  # bos first where the model was trained with one
     # Lowered to fit (with a note) only after everything else is known to be valid, so a note
     # never precedes an error; a prompt that leaves no room at all is an error.
     room = model.cfg.max_seq_len - len(ids)
