@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -193,14 +193,22 @@ def new_output_dir(path: str | Path, flag: str) -> Path:
     return d
 
 
-def load_weights(path: Path, model: MultiTokenModel, *, strict: bool = True) -> None:
-    """Load safetensors weights into `model`, with a clear error for any mismatch."""
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file `path`, as stored (dtype included); on the CPU they
+    view a private memory map of the file, so nothing is read until a tensor is used. A missing
+    or truncated file is one CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"missing weights file: {path}")
     try:
-        tensors = load_file(str(path), device=str(model.tok_embeddings.weight.device))
+        return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt or truncated weights file {path}: {e}") from None
+
+
+def load_weights(path: Path, model: MultiTokenModel, *, strict: bool = True) -> None:
+    """Load safetensors weights into `model` (copied into its parameters, cast to their dtype),
+    with a clear error for any mismatch."""
+    tensors = read_weights(path, model.tok_embeddings.weight.device)
     load_state_dict_checked(model, tensors, path, strict=strict)
 
 
@@ -240,9 +248,63 @@ def load_state_dict_checked(model: MultiTokenModel, tensors: dict[str, torch.Ten
         raise CheckpointError(f"weights in {path} do not match the config: missing {left[:4]}")
 
 
+def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype weights `tensors` are stored in: that of most of their floating-point elements
+    (a mixed file's majority; a tie goes to the wider dtype, which loses nothing); fp32 when
+    there are none."""
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    if not counts:
+        return torch.float32
+    return max(counts, key=lambda d: (counts[d], d.itemsize, str(d)))
+
+
+def build_loaded(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: Path | str,
+                 dtype: torch.dtype | Literal["auto"] | None = None,
+                 device: str | torch.device = "cpu") -> MultiTokenModel:
+    """The model of `cfg` holding the weights `tensors` (our names; from the file or directory
+    `where`, named by errors), on `device`, in eval mode. `dtype`: None is fp32 (the dtype of a
+    model built without one), "auto" the dtype the weights are stored in (`stored_dtype`).
+    `tensors`' entries are replaced as they are cast.
+
+    Bit for bit the model that building a randomly initialised fp32 model on `device`, loading
+    `tensors` into it and casting it to `dtype` gives, without doing any of that: the model is
+    built on the meta device (nothing allocated or randomly initialised), the names and shapes
+    are checked before any time is spent, and each tensor is moved to `device` as stored, then
+    cast there once into memory of its own, which becomes the parameter. So the weights are
+    never held in fp32 unless fp32 is asked for; the peak is the model in `dtype` plus one
+    tensor, plus the file's mapped pages, which the system can drop. Owning the weights, not
+    viewing the file's mapping, keeps the model valid if the file is rewritten (a checkpoint
+    saved again in place)."""
+    target = (stored_dtype(tensors) if dtype == "auto"
+              else torch.float32 if dtype is None else dtype)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = MultiTokenModel(cfg)
+    check_state_dict(model, tensors, where)
+    for name in list(tensors):  # one at a time, so an intermediate is freed before the next
+        stored = tensors[name]
+        moved = stored.to(device=device)  # cast on `device`, as loading there then .to did
+        tensors[name] = moved.to(dtype=target, memory_format=torch.contiguous_format,
+                                 copy=moved is stored)  # a copy: never a view of the file
+        del stored, moved
+    load_state_dict_checked(model, tensors, where, assign=True)
+    with device:  # the rotary tables computed where a model built on `device` computes them
+        model.reset_buffers(device, target)  # and cast as `model.to(dtype)` would
+    return model.eval()
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[MultiTokenModel, Any]:
-    """Load (model, tokenizer) from a checkpoint directory (or a run directory holding one)."""
+                    dtype: torch.dtype | Literal["auto"] | None = None,
+                    ) -> tuple[MultiTokenModel, Any]:
+    """Load (model, tokenizer) from a checkpoint directory (or a run directory holding one).
+
+    The model is on `device` in `dtype`: None is fp32 whatever the file holds, "auto" the dtype
+    the weights are stored in (what `convert --dtype` wrote). It is built without random init
+    or an fp32 copy (`build_loaded`). Training state (train_state.pt) is not read here:
+    `--resume` loads weights and optimizer into the model it builds (`load_weights`)."""
     ckpt = find_checkpoint(path)
     meta = read_config(ckpt)
     cfg = model_config_from(meta, ckpt / CONFIG)
@@ -251,13 +313,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"checkpoint {ckpt} has no tokenizer/ directory")
     tokenizer = load_tokenizer(tok_dir)
     check_tokenizer(tokenizer, cfg, meta.get("tokenizer"), ckpt)
-    with torch.device(device):
-        model = MultiTokenModel(cfg)
-    load_weights(ckpt / WEIGHTS, model)
-    if dtype is not None:
-        model.to(dtype=dtype)
-    model.eval()
-    return model, tokenizer
+    weights = ckpt / WEIGHTS
+    return build_loaded(cfg, read_weights(weights), weights, dtype, device), tokenizer
 
 
 def check_tokenizer(tokenizer: Any, cfg: ModelConfig, recorded: dict[str, Any] | None,

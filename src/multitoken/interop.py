@@ -35,7 +35,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -44,10 +44,9 @@ from torch import Tensor
 
 from multitoken import cliargs
 from multitoken.checkpoint import (
-    check_state_dict,
+    build_loaded,
     check_tokenizer,
     load_checkpoint,
-    load_state_dict_checked,
     new_output_dir,
     save_checkpoint,
 )
@@ -86,25 +85,13 @@ def interleaved_to_halves(w: Tensor, n_heads: int) -> Tensor:
 
 
 def _finish(cfg: ModelConfig, sd: dict[str, Tensor], where: Path,
-            dtype: torch.dtype | None) -> MultiTokenModel:
-    """The model of `cfg` holding `sd` (our names), on the CPU, in `dtype` (None: fp32, the
-    dtype of a model built without one); `sd`'s tensors are replaced as they are cast.
-
-    The model is built on the meta device: no weights are allocated or randomly initialised,
-    and the weights are never held in fp32 unless fp32 is asked for. Each tensor is cast once
-    into memory of its own, which becomes the parameter: the peak is the model in `dtype` plus
-    the file's mapped pages (see _read_safetensors), which the system can drop. Owning the
-    weights, not viewing the file's mapping, keeps the model valid if the file is rewritten."""
-    with torch.device("meta"):
-        model = MultiTokenModel(cfg)
-    check_state_dict(model, sd, where)  # before any time is spent casting
-    target = torch.float32 if dtype is None else dtype
-    for name in list(sd):  # one at a time, so an intermediate (Meta's permuted q/k) is freed
-        sd[name] = sd[name].to(dtype=target, memory_format=torch.contiguous_format, copy=True)
-    load_state_dict_checked(model, sd, where, assign=True)
-    # The rotary tables, in `dtype` as `model.to(dtype)` would leave them.
-    model.reset_buffers(torch.device("cpu"), dtype)
-    return model.eval()
+            dtype: torch.dtype | Literal["auto"] | None) -> MultiTokenModel:
+    """The model of `cfg` holding `sd` (our names), on the CPU, in `dtype` (None: fp32, "auto":
+    the dtype most of the source's weights are in). `build_loaded` (shared with
+    `load_checkpoint`): built on the meta device, each tensor cast once, never via fp32; `sd`
+    holds views of the source file's memory map (see _read_safetensors), whose pages the
+    system can drop."""
+    return build_loaded(cfg, sd, where, dtype, torch.device("cpu"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -154,9 +141,10 @@ def _meta_config(p: dict[str, Any], raw: dict[str, Tensor], max_seq_len: int,
 
 
 def load_meta(directory: str | Path, *, max_seq_len: int = 4096,
-              dtype: torch.dtype | None = None) -> MultiTokenModel:
+              dtype: torch.dtype | Literal["auto"] | None = None) -> MultiTokenModel:
     """Meta's MTP release (`params.json` + `consolidated.00.pth` or `consolidated.pth`) as a
-    MultiTokenModel with all of its heads.
+    MultiTokenModel with all of its heads, in `dtype` (None: fp32; "auto": as stored, bf16
+    for Meta's release).
 
     Meta's `layers.{0..n_layers - n_future}`: the trunk, then head 1 (the last one);
     `extra_heads.{j}`: head j + 2. Every head reads the trunk's output (see docs/weights.md).
@@ -418,10 +406,11 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def load_hf(directory: str | Path, *, max_seq_len: int | None = None,
-            dtype: torch.dtype | None = None) -> MultiTokenModel:
+            dtype: torch.dtype | Literal["auto"] | None = None) -> MultiTokenModel:
     """A Hugging Face Llama, Mistral, Qwen2 or Qwen3 directory (config.json + safetensors) as
     a MultiTokenModel: n_future=1, or every head when `--to-hf` wrote mtp_heads.* beside it.
-    The last decoder layer is head 1. `max_seq_len`: see `_hf_context` (None: the model's)."""
+    The last decoder layer is head 1. `max_seq_len`: see `_hf_context` (None: the model's).
+    `dtype`: None is fp32, "auto" the dtype of the safetensors (not config.json's)."""
     d = Path(directory)
     spec = hf_config(d, max_seq_len=max_seq_len)
     cfg = spec.config
@@ -613,6 +602,14 @@ load_hf_llama = load_hf
 export_hf_llama = export_hf
 
 
+# `convert --dtype`: what the weights are written in ("auto": the source's, see stored_dtype).
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_name(model: MultiTokenModel) -> str:
+    return str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+
+
 def main(argv: list[str]) -> int:
     """`multitoken convert`: Meta or Hugging Face weights <-> multitoken checkpoints."""
     p = cliargs.ArgumentParser(prog="multitoken convert", description=(
@@ -635,7 +632,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-seq-len", type=cliargs.positive_int, default=None, help=(
         "the model's context; default for --meta 4096, for --hf max_position_embeddings, at "
         "most the sliding window of a model whose layers slide (a larger value is refused)"))
+    p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto", help=(
+        "the dtype the weights are written in; auto (default): the source's, i.e. that of "
+        "most of its floating-point weights (Meta's release: bfloat16), as transformers' "
+        "torch_dtype='auto' loads them"))
     args = p.parse_args(argv)
+    dtype = "auto" if args.dtype == "auto" else _DTYPES[args.dtype]
 
     def fresh(path: str | None, flag: str) -> Path:
         if not path:
@@ -644,27 +646,27 @@ def main(argv: list[str]) -> int:
 
     if args.checkpoint:
         out = fresh(args.to_hf, "--to-hf")
-        model, tokenizer = load_checkpoint(args.checkpoint)
+        model, tokenizer = load_checkpoint(args.checkpoint, dtype=dtype)
         export_hf(model, out, tokenizer)
         heads = (f"heads 2..{model.n_future} in {MTP_WEIGHTS}" if model.n_future > 1
                  else "no extra heads")
         print(f"wrote {out} ({HF_FAMILIES[hf_family(model.cfg)]}: trunk + head 1; {heads}; "
-              f"{tokenizer.name} tokenizer)")
+              f"{tokenizer.name} tokenizer; {_dtype_name(model)})")
         return 0
     out = fresh(args.out, "--out")
     if args.meta:
         # The tokenizer first: a missing one is reported before reading gigabytes of weights.
         tokenizer = load_tokenizer(args.tokenizer or meta_tokenizer_path(args.meta), imported=True)
-        model = load_meta(args.meta, max_seq_len=args.max_seq_len or 4096)
+        model = load_meta(args.meta, max_seq_len=args.max_seq_len or 4096, dtype=dtype)
     else:
         spec = hf_config(args.hf, max_seq_len=args.max_seq_len)  # refuses before any weights
         for note in spec.notes:
             print(f"note: {note}", file=sys.stderr)
-        model = load_hf(args.hf, max_seq_len=args.max_seq_len)
+        model = load_hf(args.hf, max_seq_len=args.max_seq_len, dtype=dtype)
         tokenizer = load_tokenizer(args.tokenizer or Path(args.hf) / "tokenizer.json",
                                    imported=True)
     check_tokenizer(tokenizer, model.cfg, None, args.tokenizer or args.meta or args.hf)
     save_checkpoint(out, model, tokenizer, extra={"converted_from": args.meta or args.hf})
     print(f"wrote {out}: {model.num_params() / 1e6:.1f}M non-embedding parameters, "
-          f"{model.n_future} head(s)")
+          f"{model.n_future} head(s), {_dtype_name(model)}")
     return 0
