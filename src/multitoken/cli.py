@@ -119,6 +119,7 @@ def eval_parser() -> cliargs.ArgumentParser:
     p.add_argument("--batches", type=cliargs.positive_int, default=32,
                    help="batches evaluated, evenly spaced over the text (default 32)")
     cliargs.add_device_argument(p)
+    cliargs.add_dtype_argument(p)
     return p
 
 
@@ -132,7 +133,8 @@ def cmd_eval(argv: list[str]) -> int:
     from multitoken.train import evaluate
 
     device = resolve_device(args.device)
-    model, tok = load_checkpoint(args.checkpoint, device=device)
+    model, tok = load_checkpoint(args.checkpoint, device=device,
+                                 dtype=cliargs.load_dtype(args.dtype))
     meta = read_config(args.checkpoint)
     seq_len = (args.seq_len or meta.get("run", {}).get("train", {}).get("seq_len")
                or min(256, model.cfg.max_seq_len))

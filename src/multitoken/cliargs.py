@@ -12,9 +12,15 @@ This module imports neither torch nor anything that does: `multitoken.cli` impor
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 from multitoken.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# --dtype of the commands that decode or score with a checkpoint; "auto" first (the default).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -75,3 +81,25 @@ def add_device_argument(p: argparse.ArgumentParser, default: str = "cpu") -> Non
     p.add_argument("--device", default=default,
                    help=f"cpu, cuda, cuda:N, mps or auto (a GPU when there is one; default "
                    f"{default})")
+
+
+def add_dtype_argument(p: argparse.ArgumentParser) -> None:
+    """--dtype of the commands that decode or score with a checkpoint (generate, calibrate,
+    eval, eval-code, bench decode); `load_dtype` turns its value into `load_checkpoint`'s.
+    Training and distill keep fp32 master weights and have no such option."""
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype the model is loaded and run in; auto (default): the dtype its "
+                   "weights are stored in (fp32 for models trained here, bf16 for a release "
+                   "converted with `convert --dtype auto`)")
+
+
+def load_dtype(name: str) -> torch.dtype | Literal["auto"]:
+    """A --dtype value (one of DTYPES) as `checkpoint.load_checkpoint` takes it."""
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    import torch  # here, not at the top: this module must not import torch (module docstring)
+
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype

@@ -304,6 +304,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    cliargs.add_dtype_argument(p)
     cliargs.add_threads_argument(p)
     p.add_argument("--out", help="write the samples here (HumanEval samples format)")
     p.add_argument("--results", help="write per-sample outcomes here (jsonl)")
@@ -348,7 +349,8 @@ def main(argv: list[str]) -> int:
         if temperature is None:
             temperature = 0.0 if args.samples == 1 else 0.8
         top_p = args.top_p if args.top_p is not None else (None if temperature == 0 else 0.95)
-        model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+        model, tokenizer = load_checkpoint(args.checkpoint, device=args.device,
+                                           dtype=cliargs.load_dtype(args.dtype))
         calib = load_calibration(args.checkpoint) or {}
         tree = calib.get("tree") if args.speculative == "tree" else None
         num_drafts = calib.get("best_k") if args.speculative == "chain" else None

@@ -382,6 +382,7 @@ def build_parser() -> cliargs.ArgumentParser:
                    help="with --baselines: prompt_lookup_num_tokens, drafts per step (default 10)")
     p.add_argument("--out-png", default=None, help="plot path (default: none)")
     cliargs.add_device_argument(p)
+    cliargs.add_dtype_argument(p)
     cliargs.add_threads_argument(p)
     p.add_argument("--reps", type=cliargs.positive_int, default=20,
                    help="repetitions of each forward timing (default 20)")
@@ -420,7 +421,8 @@ def main(argv: list[str]) -> int:
 
     device = resolve_device(args.device)
     set_threads(args.threads)
-    model, tokenizer = load_checkpoint(args.checkpoint, device=device)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device,
+                                       dtype=cliargs.load_dtype(args.dtype))
     n = model.n_future
     if n < 2:
         raise MultitokenError("bench decode needs a model with draft heads (n_future >= 2)")

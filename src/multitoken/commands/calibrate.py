@@ -47,6 +47,7 @@ def build_parser() -> cliargs.ArgumentParser:
     p.add_argument("--reps", type=cliargs.positive_int, default=20,
                    help="timed repetitions of each forward shape (default 20)")
     cliargs.add_device_argument(p)
+    cliargs.add_dtype_argument(p)
     cliargs.add_threads_argument(p)
     return p
 
@@ -67,7 +68,8 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     batch_sizes = tuple(args.batch_sizes)
-    model, tokenizer = load_checkpoint(args.checkpoint, device=device)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device,
+                                       dtype=cliargs.load_dtype(args.dtype))
     val = validation_tokens(args.checkpoint, tokenizer)
     cal = calibrate(model, val, n_prompts=args.prompts, prompt_len=args.prompt_len,
                     gen_len=args.gen_len, max_rank=args.max_rank, max_nodes=args.max_nodes,

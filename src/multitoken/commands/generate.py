@@ -109,6 +109,7 @@ def build_parser() -> cliargs.ArgumentParser:
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     cliargs.add_device_argument(p)
+    cliargs.add_dtype_argument(p)
     cliargs.add_threads_argument(p)
     return p
 
@@ -120,7 +121,8 @@ def main(argv: list[str]) -> int:
     sampling.validate()
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_checkpoint(args.checkpoint, device=device)
+    model, tokenizer = load_checkpoint(args.checkpoint, device=device,
+                                       dtype=cliargs.load_dtype(args.dtype))
     # the calibration of this sampling setting, else the greedy one
     calib, source = setting_calibration(load_calibration(args.checkpoint), sampling)
     mode, num_drafts, tree = args.speculative, args.num_drafts, None
