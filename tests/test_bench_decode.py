@@ -81,7 +81,7 @@ def test_prompts_are_followed_by_their_real_continuations():
 
 def test_json_carries_distinct_8_for_every_mode_and_the_reference(ck, capsys):
     res, out = _bench(capsys, "--checkpoint", str(ck), *TINY, "--heads", "1,3")
-    assert res["exact"] is True and res["transformers"] is None
+    assert res["exact"] is True and res["transformers"] is None and res["dtype"] == "float32"
     assert (res["prompts"], res["prompt_len"], res["new_tokens"]) == (2, 16, 14)
     [run] = res["runs"]
     assert run["label"] == "greedy" and run["exact"] is True
@@ -98,6 +98,12 @@ def test_json_carries_distinct_8_for_every_mode_and_the_reference(ck, capsys):
         assert {"heads", "tokens_per_forward", "tok_s", "speedup", "forwards"} <= set(r)
     assert run["modes"]["plain"]["speedup"] == 1.0
     assert "distinct-8" in out and "real continuations" in out
+
+
+def test_json_carries_the_model_dtype(ck, capsys):
+    res, _ = _bench(capsys, "--checkpoint", str(ck), *TINY, "--heads", "1", "--no-tree",
+                    "--dtype", "bfloat16")
+    assert res["dtype"] == "bfloat16" and res["exact"] is True
 
 
 def test_acceptance_is_pooled_over_prompts_and_step_cost_explains_speedup(ck, capsys):

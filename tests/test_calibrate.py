@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from helpers_decode import (  # noqa: F401 - one_thread is an autouse fixture
     make_checkpoint,
@@ -20,6 +21,7 @@ from multitoken.decoding.calibrate import (
     load_calibration,
     path_probs,
     prompts_from,
+    save_calibration,
     simulate_tokens_per_forward,
     time_forwards,
     typical_time,
@@ -136,6 +138,7 @@ def test_cli_calibrate_then_generate_and_bench(tmp_path, capsys):
                      "--gen-len", "16", "--max-nodes", "6", "--reps", "2"]) == 0
     cal = load_calibration(ck)
     assert cal is not None and (ck / "calibration.json").is_file()
+    assert cal["dtype"] == "float32"  # what it was measured in
     capsys.readouterr()
     assert gen_main(["--checkpoint", str(ck), "--prompt", "def ", "--max-new-tokens", "8",
                      "--no-stop"]) == 0
@@ -147,7 +150,7 @@ def test_cli_calibrate_then_generate_and_bench(tmp_path, capsys):
                        "--out-png", str(png)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
-    assert res["exact"] is True and res["batch_size"] == 2
+    assert res["exact"] is True and res["batch_size"] == 2 and res["dtype"] == "float32"
     [run] = res["runs"]
     assert run["plain_tok_s"] > 0
     assert set(run["modes"]) == {"plain", "chain-1", "chain-2", "chain-3", "tree"}
@@ -177,3 +180,26 @@ def test_bench_bad_options(tmp_path, bad):
     ck = make_checkpoint(tmp_path)
     with pytest.raises(MultitokenError):
         bench_main(["--checkpoint", str(ck), *bad])
+
+
+def test_a_calibration_is_used_only_in_the_dtype_it_was_measured_in(tmp_path, capsys):
+    from multitoken.commands.generate import main as gen_main
+
+    ck = make_checkpoint(tmp_path)
+    cal = {"version": 1, "best_mode": "off", "best_k": 1, "tree": [[0]], "by_batch_size": {}}
+    save_calibration(ck, cal)  # a file from before the "dtype" field: measured in float32
+    assert load_calibration(ck) == cal == load_calibration(ck, torch.float32)
+    assert load_calibration(ck, torch.bfloat16) is None
+    assert "measured in float32, decoding in bfloat16" in capsys.readouterr().err
+    save_calibration(ck, {**cal, "dtype": "bfloat16"})
+    assert load_calibration(ck, torch.bfloat16) == {**cal, "dtype": "bfloat16"}
+    assert load_calibration(ck) is None
+    capsys.readouterr()
+    # generate: the calibrated mode (plain) in the calibration's dtype, else the default (chain)
+    argv = ["--checkpoint", str(ck), "--prompt", "def ", "--max-new-tokens", "4", "--no-stop"]
+    assert gen_main([*argv, "--dtype", "bfloat16"]) == 0
+    out, err = capsys.readouterr()
+    assert "[plain" in out and err == ""
+    assert gen_main([*argv, "--dtype", "float32"]) == 0
+    out, err = capsys.readouterr()
+    assert "[chain" in out and "warning: ignoring" in err and "decoding in float32" in err

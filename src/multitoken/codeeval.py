@@ -351,7 +351,7 @@ def main(argv: list[str]) -> int:
         top_p = args.top_p if args.top_p is not None else (None if temperature == 0 else 0.95)
         model, tokenizer = load_checkpoint(args.checkpoint, device=args.device,
                                            dtype=cliargs.load_dtype(args.dtype))
-        calib = load_calibration(args.checkpoint) or {}
+        calib = load_calibration(args.checkpoint, model.tok_embeddings.weight.dtype) or {}
         tree = calib.get("tree") if args.speculative == "tree" else None
         num_drafts = calib.get("best_k") if args.speculative == "chain" else None
         chosen = list(problems.values())[:args.problems]

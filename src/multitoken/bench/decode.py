@@ -23,7 +23,8 @@ measured on it says little about text like the real continuation.
 same weights and prompts, in the same interleaved rotation (see bench/hf_baselines.py).
 
 Last line: one JSON object
-  {"batch_size", "prompts", "prompt_len", "new_tokens",
+  {"batch_size", "prompts", "prompt_len", "new_tokens", "dtype": the model's parameter dtype
+   (e.g. "float32"),
    "reference": {"distinct_8"}: the real continuations,
    "exact": every token-for-token comparison of our modes with plain greedy was equal (null
             when no greedy run made one),
@@ -60,6 +61,7 @@ from multitoken.bench.common import distinct_ngram_ratio, format_table, print_js
 from multitoken.bench.hf_baselines import Decoded, HFBaselines, require_transformers
 from multitoken.checkpoint import load_checkpoint
 from multitoken.decoding.calibrate import (
+    dtype_name,
     load_calibration,
     prompts_from,
     setting_calibration,
@@ -439,7 +441,8 @@ def main(argv: list[str]) -> int:
     if (prompt_len, new_tokens) != (args.prompt_len, args.new_tokens):
         print(f"note: context {max_len}: using prompt-len {prompt_len}, new-tokens {new_tokens}")
 
-    calib = None if args.no_tree else load_calibration(args.checkpoint)
+    dtype = model.tok_embeddings.weight.dtype
+    calib = None if args.no_tree else load_calibration(args.checkpoint, dtype)
     if not args.no_tree and calib is None:
         print("note: no calibration.json (run `multitoken calibrate`): using the default tree")
     trees = {s: _tree_for(args, n, calib, s.sampling) for s in settings}  # (tree, source)
@@ -507,7 +510,8 @@ def main(argv: list[str]) -> int:
     measured = [r["exact"] for r in runs if r["exact"] is not None]
     sys.stdout.flush()
     print_json({"batch_size": args.batch_size, "prompts": len(prompts), "prompt_len": prompt_len,
-                "new_tokens": new_tokens, "reference": {"distinct_8": reference},
+                "new_tokens": new_tokens, "dtype": dtype_name(dtype),
+                "reference": {"distinct_8": reference},
                 "exact": all(measured) if measured else None, "runs": runs,
                 "transformers": hf.version if hf is not None else None, "forward_cost": forward_cost})
     return 0

@@ -124,7 +124,8 @@ def main(argv: list[str]) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint, device=device,
                                        dtype=cliargs.load_dtype(args.dtype))
     # the calibration of this sampling setting, else the greedy one
-    calib, source = setting_calibration(load_calibration(args.checkpoint), sampling)
+    calib, source = setting_calibration(
+        load_calibration(args.checkpoint, model.tok_embeddings.weight.dtype), sampling)
     mode, num_drafts, tree = args.speculative, args.num_drafts, None
     if mode == "auto":
         mode = "off" if model.n_future == 1 else (calib or {}).get("best_mode", "chain")

@@ -32,6 +32,10 @@ under "sampling" in calibration.json, keyed by `Sampling.label` (e.g. "T=0.8 top
 with the same fields as the greedy choice; `setting_calibration` picks the part that applies
 to a setting (its own, else the greedy one, as before settings existed). A calibration.json
 without "sampling" is read as before.
+
+calibration.json records the dtype it was measured in ("dtype"; a file without it: float32),
+and `load_calibration` ignores, with a warning, one measured in another dtype than the model
+decodes in, as it does a damaged one.
 """
 
 from __future__ import annotations
@@ -268,6 +272,7 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
     first = choices[str(batch_sizes[0])]
     cal = {
         "version": 1,
+        "dtype": dtype_name(model.tok_embeddings.weight.dtype),  # what the costs were timed in
         **chosen(choices, batch_sizes),
         "expected_tokens_per_forward": {
             "chain": {str(k): v for k, v in chain_e.items()},
@@ -395,8 +400,18 @@ def setting_calibration(calib: dict[str, Any] | None,
     return calib, "calibrated for greedy"
 
 
-def load_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
-    """The stored calibration of a checkpoint, or None (a damaged file is reported, ignored)."""
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as calibration.json and bench decode's JSON write it, e.g. "float32"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def load_calibration(checkpoint: str | Path,
+                     dtype: torch.dtype = torch.float32) -> dict[str, Any] | None:
+    """The stored calibration of a checkpoint for decoding in `dtype` (the model's), or None. A
+    damaged file is reported and ignored, and so is one measured in another dtype: the forward
+    costs, hence the chosen mode, chain length and tree, are the dtype's (on a CPU without bf16
+    instructions, a bf16 matmul costs more than an fp32 one). A file without "dtype" was
+    measured in float32 (before the field, every checkpoint decoded in its fp32 weights)."""
     path = find_checkpoint(checkpoint) / CALIBRATION_FILE
     if not path.is_file():
         return None
@@ -407,6 +422,12 @@ def load_calibration(checkpoint: str | Path) -> dict[str, Any] | None:
             int(part["best_k"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, MultitokenError) as e:
         print(f"warning: ignoring unreadable {path}: {e}", file=sys.stderr)
+        return None
+    measured, now = data.get("dtype", "float32"), dtype_name(dtype)
+    if measured != now:
+        print(f"warning: ignoring {path}: measured in {measured}, decoding in {now} (run "
+              f"`multitoken calibrate --dtype {now}` for a calibration in {now})",
+              file=sys.stderr)
         return None
     return data
 

@@ -26,13 +26,16 @@ Weights: an Engine uses the transformer layers' weights as they are when it is b
 they were changed before (`p.data.copy_`, `load_state_dict`, an optimizer step, `.to()`), and
 reads the embeddings, the shared norm and the unembedding from the model; `generate()` builds
 one per call. Laying the layers out costs several times more than reading them (the [in, out]
-copies are transposes), so the layouts are kept per model together with a copy of the layer
-weights they were built from, and reused only while every layer weight is bit for bit equal to
-that copy (`_layouts`). Nothing cheaper than reading the weights sees every change:
-`p.data.copy_` (how EMA and weight averaging write) changes neither a tensor's storage nor its
-version counter. An Engine keeps the layouts it was built with, so it must not outlive a change
-of the weights. Memory: the layouts take about twice the layer weights (draft heads keep two
-layouts), the copy once more.
+copies are transposes), so the layouts are kept per model and reused only while every layer
+weight is bit for bit equal to its values in them (`_layouts`): being copies of the weights,
+the layouts are themselves the reference, and no other copy is kept. Nothing cheaper than
+reading the weights sees every change: `p.data.copy_` (how EMA and weight averaging write)
+changes neither a tensor's storage nor its version counter. An Engine keeps the layouts it was
+built with, so it must not outlive a change of the weights. Memory: each layer weight once (the
+trunk's and head 1's layouts are shared by every n_predict; each (n_predict, draft dtype) has
+its stack of draft heads), but for those a `_Mat` keeps in both layouts: the trunk's and head
+1's w2 from the first forward over several tokens, the draft stacks' o/w13/w2 once phase 2
+runs more than one row (batch > 1).
 
 Numerics are the model's (fp32 RMSNorm statistics, the same rotary tables); results differ from
 `model.hidden` only by matmul rounding.
@@ -52,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from multitoken.config import ModelConfig
 from multitoken.model import DecodeContext, KVCache, MultiTokenModel, apply_rope, causal_context
 
 
@@ -80,6 +84,60 @@ def _stack(layers: list[list[Tensor]], dtype: torch.dtype) -> Tensor:
     return out
 
 
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Weights of at least this many elements are transposed with copy_'s blocked kernel before
+# comparing (see _Bitwise.equal); below it, the strided comparison is as fast or faster.
+_TRANSPOSE_MIN = 1 << 18
+
+
+def _bits(x: Tensor) -> Tensor:
+    """x's bits as integers (so that equality is bitwise: -0.0 != 0.0, NaN == NaN)."""
+    return x.view(_INTS[x.element_size()]) if x.element_size() in _INTS else x
+
+
+class _Bitwise:
+    """One check's comparisons of the current weights with views of their layouts (`_layouts`),
+    with the scratch buffer of its transposed comparisons."""
+
+    def __init__(self) -> None:
+        self.scratch: Tensor | None = None
+
+    def equal(self, stored: Tensor, w: Tensor) -> bool:
+        """Whether `stored` (a view of a layout) holds what copying weight `w` into it gives,
+        bit for bit: w's own bits where the dtypes agree (every layout but the ones below), else
+        w converted as the copy converted it (copy_ and .to() share the conversion): draft heads
+        laid out in another draft_dtype, or layers in another dtype than the embeddings. Such a
+        layout holds w only to its dtype's precision, so a change of w below it is not seen, and
+        need not be: laying w out again would give the same bits. A dtype without an integer
+        view of its size compares as numbers, where NaN != NaN: a needless rebuild, no error."""
+        if stored.shape != w.shape or stored.device != w.device:
+            return False
+        a, b = _bits(stored), _bits(w.detach() if w.dtype == stored.dtype else w.to(stored.dtype))
+        if (b.numel() >= _TRANSPOSE_MIN and a.dim() == 2 and a.stride(0) == 1
+                and a.stride(1) >= a.shape[0] > 1 and b.is_contiguous() and a.is_cpu):
+            # `stored` is a column block of an [in, out] layout. Elementwise against w's rows it
+            # reads one of the two strided: 11x the time of a contiguous comparison at 4096 x
+            # 4096 on CPU; transposing w first with copy_'s blocked kernel, 2.2-2.9x.
+            n = b.numel()
+            if self.scratch is None or self.scratch.numel() < n or self.scratch.dtype != b.dtype:
+                self.scratch = torch.empty(n, dtype=b.dtype, device=b.device)
+            t = self.scratch[:n].view(b.shape[1], b.shape[0])
+            t.copy_(b.T)
+            return torch.equal(t, a.T)
+        return torch.equal(a, b)
+
+    def rows(self, stored: Tensor, parts: list[Tensor]) -> bool:
+        """Whether `stored` is `parts` concatenated along dim 0, each part as `equal` compares."""
+        if stored.shape[0] != sum(p.shape[0] for p in parts):
+            return False
+        start = 0
+        for p in parts:
+            if not self.equal(stored[start:start + p.shape[0]], p):
+                return False
+            start += p.shape[0]
+        return True
+
+
 class _Mat:
     """One projection of a stack of H layers, stored in the layouts its products run fastest in.
 
@@ -105,6 +163,18 @@ class _Mat:
             assert self.oi is not None
             self._io = self.oi.transpose(1, 2).contiguous()
         return self._io
+
+    def matches(self, layers: list[list[Tensor]], cmp: _Bitwise) -> bool:
+        """Whether laying `layers` (as in __init__) out now would give these layouts, bit for
+        bit. `oi` where kept (contiguous, the weights' own orientation), else a view of `io`;
+        a lazily derived `io` is a copy of `oi`, which nothing but __init__ writes."""
+        if self.oi is not None:
+            w = self.oi
+        else:
+            assert self._io is not None
+            w = self._io.transpose(1, 2)  # [H, out, in]
+        return len(layers) == self.H and all(cmp.rows(w[h], parts)
+                                             for h, parts in enumerate(layers))
 
     def __call__(self, x: Tensor) -> Tensor:
         """x [H or 1, M, in] -> [H, M, out] in x's dtype."""
@@ -147,22 +217,40 @@ class _Weights:
         self.w13 = _Mat([[f.w1.weight, f.w3.weight] for f in ffn], dtype, one)
         self.w2 = _Mat([[f.w2.weight] for f in ffn], dtype, "oi")
 
+    def matches(self, blocks: list[nn.Module], cmp: _Bitwise) -> bool:
+        """Whether laying `blocks` out now would give these weights, bit for bit (see
+        `_layouts`). Cheap checks first, and the first difference ends it."""
+        att = [b.attention for b in blocks]
+        ffn = [b.feed_forward for b in blocks]
+        if (len(blocks) != self.g_attn.shape[0]
+                or (self.qkv_bias is None) != (att[0].wq.bias is None)
+                or (self.q_norm is None) != (att[0].q_norm is None)):
+            return False
+        for h, (b, a) in enumerate(zip(blocks, att)):
+            if not (cmp.equal(self.g_attn[h, 0], b.attention_norm.weight)
+                    and cmp.equal(self.g_ffn[h, 0], b.ffn_norm.weight)
+                    and (self.qkv_bias is None
+                         or cmp.rows(self.qkv_bias[h, 0], [a.wq.bias, a.wk.bias, a.wv.bias]))
+                    and (self.q_norm is None or self.k_norm is None
+                         or (cmp.equal(self.q_norm[h, 0, 0], a.q_norm.weight)
+                             and cmp.equal(self.k_norm[h, 0, 0], a.k_norm.weight)))):
+                return False
+        return (self.qkv.matches([[a.wq.weight, a.wk.weight, a.wv.weight] for a in att], cmp)
+                and self.o.matches([[a.wo.weight] for a in att], cmp)
+                and self.w13.matches([[f.w1.weight, f.w3.weight] for f in ffn], cmp)
+                and self.w2.matches([[f.w2.weight] for f in ffn], cmp))
+
 
 class Layers:
     """Copies of the model's transformer layers in the engine's layout: every trunk layer, head
     1's layer (transformer heads) and draft heads 2..n_predict stacked (parallel transformer
     heads), plus the arithmetic that runs them."""
 
-    def __init__(self, model: MultiTokenModel, n_predict: int, draft_dtype: torch.dtype) -> None:
-        cfg = model.cfg
-        dtype = model.tok_embeddings.weight.dtype
+    def __init__(self, cfg: ModelConfig, trunk: list[_Weights], head0: _Weights | None,
+                 draft_weights: _Weights | None) -> None:
         self.eps, self.hd = cfg.norm_eps, cfg.head_dim
         self.n_attn_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
-        stacked = cfg.head_type == "transformer"
-        self.trunk = [_Weights([b], dtype) for b in model.layers]
-        self.head0 = _Weights([model.heads[0]], dtype) if stacked else None
-        self.draft_weights = (_Weights(list(model.heads[1:n_predict]), draft_dtype)
-                              if stacked and n_predict > 1 else None)
+        self.trunk, self.head0, self.draft_weights = trunk, head0, draft_weights
 
     def norm(self, x: Tensor, g: Tensor) -> Tensor:
         # Same arithmetic as model.RMSNorm (fp32 statistics), with per-layer gains.
@@ -216,37 +304,52 @@ class Layers:
         return self.attend_ffn(q, x, ctx, w, layer, ctx.mask)
 
 
-def _bits(x: Tensor) -> Tensor:
-    """x's bits as integers (so that equality is bitwise: -0.0 != 0.0, NaN == NaN)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return x.view(ints[x.element_size()]) if x.element_size() in ints else x
-
-
-def _same(a: list[Tensor], b: list[Tensor]) -> bool:
-    return len(a) == len(b) and all(
-        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
-        and torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
-
-
 @dataclass
 class _Cache:
-    source: list[Tensor]  # copies of the layer weights the layouts below were built from
+    """One model's layer weights in the engine's layout: each layer weight's values are in
+    here once (the trunk and head 1, shared by every n_predict) or in a draft stack, and the
+    layouts themselves are what the current weights are compared against (no other copy)."""
+
+    dtype: torch.dtype  # the trunk's and head 1's layout dtype: the embeddings' when laid out
+    trunk: list[_Weights]
+    head0: _Weights | None  # transformer heads only
     layers: dict[tuple[int, torch.dtype], Layers] = field(default_factory=dict)
 
 
 _CACHES: weakref.WeakKeyDictionary[MultiTokenModel, _Cache] = weakref.WeakKeyDictionary()
 
 
+def _current(cache: _Cache, model: MultiTokenModel, key: tuple[int, torch.dtype]) -> bool:
+    """Whether every layout the Layers `key` uses is, bit for bit, what laying the model's
+    current weights out would give (the trunk, head 1, the draft stack if already built)."""
+    head0 = model.heads[0] if model.cfg.head_type == "transformer" else None
+    entry = cache.layers.get(key)
+    drafts = None if entry is None else entry.draft_weights
+    cmp = _Bitwise()
+    return (cache.dtype == model.tok_embeddings.weight.dtype
+            and len(cache.trunk) == len(model.layers)
+            and (cache.head0 is None) == (head0 is None)
+            and all(w.matches([b], cmp) for w, b in zip(cache.trunk, model.layers))
+            and (cache.head0 is None or cache.head0.matches([head0], cmp))
+            and (drafts is None or drafts.matches(list(model.heads[1:key[0]]), cmp)))
+
+
 def _layouts(model: MultiTokenModel, n_predict: int, draft_dtype: torch.dtype) -> Layers:
     """The layers of `model` in the engine's layout, built from its current weights: reused
-    from an earlier call only if every layer weight is bit for bit what they were built from."""
-    weights = [p.detach() for m in (model.layers, model.heads) for p in m.parameters()]
-    cache = _CACHES.get(model)
-    if cache is None or not _same(weights, cache.source):
-        cache = _CACHES[model] = _Cache([w.clone() for w in weights])
+    from an earlier call only if every layer weight they hold is bit for bit what they hold
+    for it (`_current`); else every layout of the model is dropped and laid out anew."""
     key = (n_predict, draft_dtype)
+    cache = _CACHES.get(model)
+    if cache is None or not _current(cache, model, key):
+        dtype = model.tok_embeddings.weight.dtype
+        stacked = model.cfg.head_type == "transformer"
+        cache = _CACHES[model] = _Cache(
+            dtype, [_Weights([b], dtype) for b in model.layers],
+            _Weights([model.heads[0]], dtype) if stacked else None)
     if key not in cache.layers:
-        cache.layers[key] = Layers(model, n_predict, draft_dtype)
+        drafts = (_Weights(list(model.heads[1:n_predict]), draft_dtype)
+                  if cache.head0 is not None and n_predict > 1 else None)
+        cache.layers[key] = Layers(model.cfg, cache.trunk, cache.head0, drafts)
     return cache.layers[key]
 
 
