@@ -23,8 +23,9 @@ supported ones, never loaded approximately. A sliding window is not modelled: su
 loaded with a context of at most its window, where it changes nothing (`_hf_context`).
 
 An export loads with `AutoTokenizer` + `AutoModelForCausalLM` and decodes with `generate` as
-multitoken does: the tokenizer gives multitoken's ids for every text (bytes included, as a
-byte-level `tokenizer.json`), and eos/bos/pad ids are in `config.json` and
+multitoken does: the tokenizer gives the ids multitoken's `encode_prompt` gives for every text
+(bos first exactly when the tokenizer's `add_bos` says so; bytes included, as a byte-level
+`tokenizer.json`), and eos/bos/pad ids are in `config.json` and
 `generation_config.json`. The JSON files are written directly, so exporting does not need
 `transformers` installed; the tests load every file with `transformers` itself.
 """
