@@ -46,6 +46,14 @@ def build_parser() -> cliargs.ArgumentParser:
                    help="seed of the sampled decoding of --sampling (default 0)")
     p.add_argument("--reps", type=cliargs.positive_int, default=20,
                    help="timed repetitions of each forward shape (default 20)")
+    p.add_argument("--verify-prompts", type=cliargs.non_negative_int, default=8,
+                   help="then decode this many other held-out prompts with the chains, the "
+                   "predicted best tree and two trees of other sizes, against plain decoding, "
+                   "and choose the fastest measured (per setting and batch size; at a larger "
+                   "batch size, whole batches); 0: keep the predicted choice (default 8)")
+    p.add_argument("--verify-tokens", type=cliargs.positive_int, default=256,
+                   help="tokens decoded per verification prompt (default 256: short decodes "
+                   "understate speedups at batch > 1, where a step waits for the slowest row)")
     cliargs.add_device_argument(p)
     cliargs.add_dtype_argument(p)
     cliargs.add_threads_argument(p)
@@ -53,14 +61,23 @@ def build_parser() -> cliargs.ArgumentParser:
 
 
 def _report(name: str, part: dict[str, Any]) -> None:
-    """One line per batch size: the expected speedups and the choice."""
+    """Per batch size: the expected speedups and the model's choice; with verification, the
+    measured speedups and the choice made from them."""
     for B, c in part["by_batch_size"].items():
         cost = part["forward_cost"][B]
         chain = ", ".join(f"k={k}: {v:.2f}x" for k, v in c["expected_speedup"]["chain"].items())
-        best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(c["tree"]).paths)), 0.0)
+        tree = c.get("model_choice", c)["tree"]
+        best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(tree).paths)), 0.0)
         print(f"{name}, batch {B}: plain forward {cost['plain_ms']:.2f} ms; expected speedup "
-              f"chain {chain}; tree of {len(c['tree'])} nodes: {best_tree:.2f}x -> "
-              f"{c['best_mode']}")
+              f"chain {chain}; tree of {len(tree)} nodes: {best_tree:.2f}x -> "
+              f"{c.get('model_choice', c)['best_mode']}")
+        if "verified" in c:
+            v = c["verified"]
+            runs = ", ".join(f"{n}: {x['measured_speedup']:.2f}x ({x['predicted_speedup']:.2f}x)"
+                             for n, x in v["candidates"].items())
+            print(f"{name}, batch {B}: measured (predicted) speedup over plain "
+                  f"{v['plain_tok_s']:.1f} tok/s: {runs} -> {v['chosen']}, {c['best_mode']} "
+                  f"({v['reason']})")
 
 
 def main(argv: list[str]) -> int:
@@ -74,7 +91,8 @@ def main(argv: list[str]) -> int:
     cal = calibrate(model, val, n_prompts=args.prompts, prompt_len=args.prompt_len,
                     gen_len=args.gen_len, max_rank=args.max_rank, max_nodes=args.max_nodes,
                     batch_sizes=batch_sizes, reps=args.reps, sampling=args.sampling,
-                    seed=args.seed, log=print)
+                    seed=args.seed, verify_prompts=args.verify_prompts,
+                    verify_tokens=args.verify_tokens, log=print)
     out = save_calibration(args.checkpoint, cal)
     acc = ", ".join(f"{a:.2f}" for a in cal["acceptance"]["chain"])
     print(f"greedy: top-1 acceptance of heads 2..{model.n_future} (given earlier accepted): "

@@ -36,6 +36,13 @@ without "sampling" is read as before.
 calibration.json records the dtype it was measured in ("dtype"; a file without it: float32),
 and `load_calibration` ignores, with a warning, one measured in another dtype than the model
 decodes in, as it does a damaged one.
+
+Verification (`calibrate --verify-prompts N`, `verify_choice.py`): the model above is
+optimistic under sampling, so for each setting and batch size the chains, the model's best tree
+and up to two trees of other sizes are then decoded for real, against plain decoding, and the
+fastest measured one is chosen (best_k: the fastest chain). Each batch size's choice then
+records "chosen_by": "measured", the model's own choice ("model_choice") and the predicted and
+measured speedups ("verified"); without verification "chosen_by" is "model".
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from multitoken.decoding.reach import measure_reach, measurement_tree
 from multitoken.decoding.sampling import Sampling, draw_distinct, process_logits, sample
 from multitoken.decoding.tree import Path as TreePath
 from multitoken.decoding.tree import Tree, grow_tree
+from multitoken.decoding.verify_choice import DecodeTimer, Verification, make_verification
 from multitoken.errors import MultitokenError
 from multitoken.model import MultiTokenModel, causal_context
 
@@ -228,7 +236,7 @@ def chosen(choices: dict[str, Any], batch_sizes: Sequence[int]) -> dict[str, Any
     the first batch size's mode, chain length and tree, and the choice per batch size."""
     first = choices[str(batch_sizes[0])]
     return {"best_mode": first["best_mode"], "best_k": first["best_k"], "tree": first["tree"],
-            "by_batch_size": choices}
+            "chosen_by": first.get("chosen_by", "model"), "by_batch_size": choices}
 
 
 def chain_acceptance(prob: Callable[[TreePath], float], depth: int) -> list[float]:
@@ -241,11 +249,14 @@ def chain_acceptance(prob: Callable[[TreePath], float], depth: int) -> list[floa
 def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prompts: int = 16,
               prompt_len: int = 128, gen_len: int = 256, max_rank: int = 8, max_nodes: int = 32,
               batch_sizes: tuple[int, ...] = (1,), reps: int = 20,
-              sampling: Sequence[Sampling] = (), seed: int = 0,
+              sampling: Sequence[Sampling] = (), seed: int = 0, verify_prompts: int = 0,
+              verify_tokens: int = 128, decode_timer: DecodeTimer | None = None,
               log: Any = None) -> dict[str, Any]:
     """Measure acceptance and forward costs; return the calibration (see module docstring):
     greedy's, and one per sampling setting in `sampling` (greedy ones there are skipped: greedy
-    is always calibrated). seed: the sampled decoding's."""
+    is always calibrated). seed: the sampled decoding's (and the verification's).
+    verify_prompts > 0: choose by decoding that many held-out prompts x verify_tokens with the
+    candidates, timed by decode_timer (default: `generate` calls); 0: the model's choice."""
     cfg = model.cfg
     D = model.n_future - 1
     if D < 1:
@@ -268,7 +279,11 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
     grown = grow_tree(prob, max_nodes, D, max_rank)  # candidates in order of P(accepted)
     tree_e = {s: simulate_tokens_per_forward(ranks, grown[:s]) for s in tree_sizes(len(grown))}
     context = prompt_len + gen_len // 2
-    choices, costs = choose(model, chain_e, tree_e, grown, batch_sizes, reps, context, None, say)
+    verify = None if verify_prompts <= 0 else make_verification(
+        model, val_tokens, verify_prompts, verify_tokens, prompt_len, n_prompts, batch_sizes,
+        seed=seed, timer=decode_timer, log=say)
+    choices, costs = choose(model, chain_e, tree_e, grown, batch_sizes, reps, context, None, say,
+                            verify)
     first = choices[str(batch_sizes[0])]
     cal = {
         "version": 1,
@@ -294,7 +309,7 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
     if settings:
         cal["sampling"] = {x.label: calibrate_setting(
             model, prompts, gen_len, x, max_nodes=max_nodes, batch_sizes=batch_sizes, reps=reps,
-            context=context, seed=seed, log=say) for x in settings}
+            context=context, seed=seed, verify=verify, log=say) for x in settings}
     return cal
 
 
@@ -305,11 +320,13 @@ def tree_sizes(n: int) -> list[int]:
 
 def choose(model: MultiTokenModel, chain_e: dict[int, float], tree_e: dict[int, float],
            grown: list[TreePath], batch_sizes: Sequence[int], reps: int, context: int,
-           sampling: Sampling | None, say: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+           sampling: Sampling | None, say: Any,
+           verify: Verification | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Time the forwards at each batch size and pick, from the expected tokens per forward of
     chain lengths (chain_e) and tree sizes (tree_e: the first s nodes of `grown`), the chain
-    length, the tree and the mode (off when neither pays). Returns (choices, forward costs),
-    keyed by batch size."""
+    length, the tree and the mode (off when neither pays); then, with `verify`, pick again
+    among a few candidates by decoding them (`Verification.apply`). Returns (choices, forward
+    costs), keyed by batch size."""
     D = model.n_future - 1
     costs: dict[str, Any] = {}
     choices: dict[str, Any] = {}
@@ -336,7 +353,10 @@ def choose(model: MultiTokenModel, chain_e: dict[int, float], tree_e: dict[int, 
             "best_mode": mode,
             "expected_speedup": {"chain": {str(k): v for k, v in chain_speed.items()},
                                  "tree": {str(s): v for s, v in tree_speed.items()}},
+            "chosen_by": "model",
         }
+        if verify is not None:
+            choices[str(B)] = verify.apply(choices[str(B)], grown, D, B, sampling or Sampling())
         costs[str(B)] = {
             "plain_ms": plain * 1e3,
             "chain_ms": {str(k): t[(k + 1, k + 1)] * 1e3 for k in chain_e},
@@ -347,10 +367,12 @@ def choose(model: MultiTokenModel, chain_e: dict[int, float], tree_e: dict[int, 
 
 def calibrate_setting(model: MultiTokenModel, prompts: list[list[int]], gen_len: int,
                       sampling: Sampling, *, max_nodes: int, batch_sizes: Sequence[int],
-                      reps: int, context: int, seed: int, log: Any = None) -> dict[str, Any]:
+                      reps: int, context: int, seed: int, verify: Verification | None = None,
+                      log: Any = None) -> dict[str, Any]:
     """The choice for one sampling setting: P(reached) of every node of the measurement tree
     (`reach.measure_reach`, decoding `prompts` with `seed`), trees grown from it, expected
-    tokens per forward = 1 + sum of P(reached), forward costs timed with that sampling."""
+    tokens per forward = 1 + sum of P(reached), forward costs timed with that sampling; with
+    `verify`, the choice checked by decoding (see `choose`)."""
     say = log or (lambda *_: None)
     D = model.n_future - 1
     mtree = Tree(measurement_tree(D))
@@ -364,7 +386,7 @@ def calibrate_setting(model: MultiTokenModel, prompts: list[list[int]], gen_len:
     grown = grow_tree(prob, max_nodes, D, mtree.max_rank)
     tree_e = {s: 1.0 + sum(prob(p) for p in grown[:s]) for s in tree_sizes(len(grown))}
     choices, costs = choose(model, chain_e, tree_e, grown, batch_sizes, reps, context, sampling,
-                            say)
+                            say, verify)
     first = choices[str(batch_sizes[0])]
     return {
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
