@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/multitoken bench decode --checkpoint $(DEMO_DIR)/distilled --prompts 4 --prompt-len 64 --new-tokens 128 --sampling 0.8:0.95,greedy --out-png $(DEMO_DIR)/decode.png
 
 # issue 12's demonstration (docs/pretrained.md): n=1 model -> Hugging Face -> add heads -> train
-# them three ways at equal compute with code-n4 -> decoding speed. About 1 h 40 min on 2 quiet
+# them three ways at equal compute with code-n4 -> decoding speed. 83 min measured on 2 quiet
 # cores. REFERENCE=runs/code-n4 adds the n=4 model trained from scratch; the same
 # PRETRAINED_DIR again continues a stopped run.
 pretrained-demo: setup
