@@ -18,7 +18,7 @@ import torch
 
 from helpers_corpus import make_corpus, tiny_overrides
 from helpers_decode import make_checkpoint
-from multitoken import cliargs
+from multitoken import cli, cliargs
 from multitoken.bench import decode as bench_decode
 from multitoken.bench import train_memory, train_speed
 from multitoken.cli import eval_parser, main
@@ -294,3 +294,32 @@ def test_argparse_errors_say_what_and_where(capsys, paths):
     assert main(["generate", "--checkpoint", str(paths["ck"]), "--prompt", "x",
                  "--device", "cuda:99"]) == 2
     assert "--device cuda:99" in capsys.readouterr().err
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("world", "rc", "exits"), [("2", 0, True), ("2", 3, False),
+                                                    ("1", 0, False), (None, 0, False)])
+def test_torchrun_child_leaves_with_os_exit_only_after_success(monkeypatch, world, rc, exits):
+    """A torchrun child (WORLD_SIZE > 1) whose run succeeded skips interpreter shutdown
+    (os._exit(0)); a failed run, or a single process, returns its status normally."""
+    calls: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        calls.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    if exits:
+        with pytest.raises(_Exited):
+            cli.leave_torchrun_child(rc)
+        assert calls == [0]
+    else:
+        assert cli.leave_torchrun_child(rc) == rc
+        assert calls == []

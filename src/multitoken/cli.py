@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -84,7 +85,7 @@ def cmd_train(argv: list[str]) -> int:
             print(f"interrupted by {e}", file=sys.stderr)
         return 128 + e.signum
     if not main_rank:
-        return 0
+        return leave_torchrun_child(0)
     print("\nvalidation per head:")
     print(f"{'head':>6} {'predicts':>9} {'loss':>8} {'top-1 acc':>10}")
     for i, (loss, acc) in enumerate(zip(result["head_loss"], result["head_acc"])):
@@ -92,7 +93,25 @@ def cmd_train(argv: list[str]) -> int:
     print(f"run directory: {result['run_dir']}")
     if args.sample:
         _print_sample(result["run_dir"], cfg.train.sample_prompt, cfg.train.sample_tokens)
-    return 0
+    return leave_torchrun_child(0)
+
+
+def leave_torchrun_child(rc: int) -> int:
+    """rc, or, in a process that torchrun started (WORLD_SIZE > 1) whose run succeeded, exit
+    now with os._exit(0), after flushing.
+
+    By then `train` has met the other ranks and destroyed the process group, every file is
+    closed and every result printed. Interpreter shutdown would only tear down C++ state.
+    On gloo, that teardown aborted a finished rank now and then ("terminate called without an
+    active exception", exit -6; one fresh-clone CI run of the FSDP resume test, 2026-11-29),
+    which turned a completed run into a failed one for torchrun and for scripts that check its
+    status. A failed run (rc != 0) exits normally: its atexit handlers meet the other ranks."""
+    if rc != 0 or int(os.environ.get("WORLD_SIZE", "1") or "1") <= 1:
+        return rc
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _print_sample(run_dir: str, prompt: str, n_tokens: int) -> None:
