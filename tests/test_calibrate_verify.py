@@ -151,7 +151,7 @@ def test_verification_prompts_and_batches():
     assert [p[0] for p in ps] == [164, 494, 825] and not {p[0] for p in ps} & acceptance_starts
     v = Verification(ps, 3, 8, paced_timer({}))
     assert [len(b) for b in v.batches(1)] == [1, 1, 1] and [len(b) for b in v.batches(3)] == [3]
-    with pytest.raises(MultitokenError, match="needs 4 prompts"):
+    with pytest.raises(MultitokenError, match="needs 4 held-out prompts.*--verify-prompts"):
         v.batches(2)
 
 

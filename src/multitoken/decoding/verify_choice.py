@@ -139,7 +139,9 @@ class Verification:
         """ceil(n_prompts / batch_size) full batches (batch 8, 4 prompts: one batch of 8)."""
         n = -(-self.n_prompts // batch_size) * batch_size
         if n > len(self.prompts):
-            raise MultitokenError(f"verification needs {n} prompts, got {len(self.prompts)}")
+            raise MultitokenError(f"verification needs {n} held-out prompts, got "
+                                 f"{len(self.prompts)} (lower --verify-prompts, or 0 to skip "
+                                 f"verification)")
         return [self.prompts[i:i + batch_size] for i in range(0, n, batch_size)]
 
     def rates(self, sampling: Sampling, cands: list[Candidate],
