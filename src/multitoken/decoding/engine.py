@@ -84,6 +84,18 @@ def _stack(layers: list[list[Tensor]], dtype: torch.dtype) -> Tensor:
     return out
 
 
+def _transposed(w: Tensor) -> Tensor:
+    """[H, a, b] -> a contiguous [H, b, a], one 2D copy per layer: copy_ transposes a 2D view
+    with a blocked kernel, which a 3D `transpose(1, 2).contiguous()` misses (measured, 1
+    thread: 7 ms against 74 ms for a bf16 [6144, 2048] weight, 37 against 122 ms for 4 fp32
+    [2048, 2048]); the first decode after loading or changing a large model lays them all out."""
+    H, a, b = w.shape
+    out = torch.empty((H, b, a), dtype=w.dtype, device=w.device)
+    for h in range(H):
+        out[h].copy_(w[h].T)
+    return out
+
+
 _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Weights of at least this many elements are transposed with copy_'s blocked kernel before
 # comparing (see _Bitwise.equal); below it, the strided comparison is as fast or faster.
@@ -155,13 +167,13 @@ class _Mat:
         w = _stack(layers, dtype)  # [H, out, in]
         self.H, self.dtype = len(layers), dtype
         self.oi = w if one_row == "oi" else None
-        self._io = None if one_row == "oi" else w.transpose(1, 2).contiguous()
+        self._io = None if one_row == "oi" else _transposed(w)
 
     @property
     def io(self) -> Tensor:
         if self._io is None:
             assert self.oi is not None
-            self._io = self.oi.transpose(1, 2).contiguous()
+            self._io = _transposed(self.oi)
         return self._io
 
     def matches(self, layers: list[list[Tensor]], cmp: _Bitwise) -> bool:
