@@ -248,6 +248,11 @@ def load_state_dict_checked(model: MultiTokenModel, tensors: dict[str, torch.Ten
         raise CheckpointError(f"weights in {path} do not match the config: missing {left[:4]}")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as the JSON files and reports write it, e.g. "float32"."""
+    return str(dtype).removeprefix("torch.")
+
+
 def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     """The dtype weights `tensors` are stored in: that of most of their floating-point elements
     (a mixed file's majority; a tie goes to the wider dtype, which loses nothing); fp32 when

@@ -39,16 +39,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from multitoken import cliargs
 from multitoken.checkpoint import (
     build_loaded,
     check_tokenizer,
+    dtype_name,
     load_checkpoint,
     new_output_dir,
+    read_weights,
     save_checkpoint,
 )
 from multitoken.config import ModelConfig
@@ -90,7 +91,7 @@ def _finish(cfg: ModelConfig, sd: dict[str, Tensor], where: Path,
     """The model of `cfg` holding `sd` (our names), on the CPU, in `dtype` (None: fp32, "auto":
     the dtype most of the source's weights are in). `build_loaded` (shared with
     `load_checkpoint`): built on the meta device, each tensor cast once, never via fp32; `sd`
-    holds views of the source file's memory map (see _read_safetensors), whose pages the
+    holds views of the source file's memory map (see `read_weights`), whose pages the
     system can drop."""
     return build_loaded(cfg, sd, where, dtype, torch.device("cpu"))
 
@@ -394,18 +395,6 @@ def _hf_weight_files(d: Path) -> list[Path]:
                           "(pickled .bin files are not read)")
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, as views of a private memory map of it (what
-    `load_file` gives on the CPU): nothing is copied here, a page is read when _finish casts
-    the tensor that lies on it. A truncated file or a bad header is one CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt or truncated weights file {path}: {e}") from None
-
-
 def load_hf(directory: str | Path, *, max_seq_len: int | None = None,
             dtype: torch.dtype | Literal["auto"] | None = None) -> MultiTokenModel:
     """A Hugging Face Llama, Mistral, Qwen2 or Qwen3 directory (config.json + safetensors) as
@@ -417,7 +406,7 @@ def load_hf(directory: str | Path, *, max_seq_len: int | None = None,
     cfg = spec.config
     raw: dict[str, Tensor] = {}
     for f in _hf_weight_files(d):
-        raw.update(_read_safetensors(f))
+        raw.update(read_weights(f))
     n = cfg.n_trunk_layers + 1  # the Hugging Face model's layers: trunk + head 1
     back = {v: k for k, v in _HF_LAYER.items()}
     sd: dict[str, Tensor] = {}
@@ -439,7 +428,7 @@ def load_hf(directory: str | Path, *, max_seq_len: int | None = None,
         elif not name.endswith("rotary_emb.inv_freq"):
             raise CheckpointError(f"{d}: unexpected weight {name}")
     if cfg.n_future > 1:
-        extra = _read_safetensors(d / MTP_WEIGHTS)
+        extra = read_weights(d / MTP_WEIGHTS)
         names = _read_json(d / MTP_JSON)["names"]
         if sorted(extra) != sorted(names):
             raise CheckpointError(f"{d / MTP_WEIGHTS} does not hold the weights {MTP_JSON} names")
@@ -603,14 +592,6 @@ load_hf_llama = load_hf
 export_hf_llama = export_hf
 
 
-# `convert --dtype`: what the weights are written in ("auto": the source's, see stored_dtype).
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype_name(model: MultiTokenModel) -> str:
-    return str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-
-
 def main(argv: list[str]) -> int:
     """`multitoken convert`: Meta or Hugging Face weights <-> multitoken checkpoints."""
     p = cliargs.ArgumentParser(prog="multitoken convert", description=(
@@ -633,12 +614,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-seq-len", type=cliargs.positive_int, default=None, help=(
         "the model's context; default for --meta 4096, for --hf max_position_embeddings, at "
         "most the sliding window of a model whose layers slide (a larger value is refused)"))
-    p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto", help=(
+    p.add_argument("--dtype", choices=cliargs.DTYPES, default="auto", help=(
         "the dtype the weights are written in; auto (default): the source's, i.e. that of "
         "most of its floating-point weights (Meta's release: bfloat16), as transformers' "
         "torch_dtype='auto' loads them"))
     args = p.parse_args(argv)
-    dtype = "auto" if args.dtype == "auto" else _DTYPES[args.dtype]
+    dtype = cliargs.load_dtype(args.dtype)
 
     def fresh(path: str | None, flag: str) -> Path:
         if not path:
@@ -652,7 +633,7 @@ def main(argv: list[str]) -> int:
         heads = (f"heads 2..{model.n_future} in {MTP_WEIGHTS}" if model.n_future > 1
                  else "no extra heads")
         print(f"wrote {out} ({HF_FAMILIES[hf_family(model.cfg)]}: trunk + head 1; {heads}; "
-              f"{tokenizer.name} tokenizer; {_dtype_name(model)})")
+              f"{tokenizer.name} tokenizer; {dtype_name(model.tok_embeddings.weight.dtype)})")
         return 0
     out = fresh(args.out, "--out")
     if args.meta:
@@ -669,5 +650,5 @@ def main(argv: list[str]) -> int:
     check_tokenizer(tokenizer, model.cfg, None, args.tokenizer or args.meta or args.hf)
     save_checkpoint(out, model, tokenizer, extra={"converted_from": args.meta or args.hf})
     print(f"wrote {out}: {model.num_params() / 1e6:.1f}M non-embedding parameters, "
-          f"{model.n_future} head(s), {_dtype_name(model)}")
+          f"{model.n_future} head(s), {dtype_name(model.tok_embeddings.weight.dtype)}")
     return 0

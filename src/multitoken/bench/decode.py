@@ -59,9 +59,8 @@ import torch
 from multitoken import cliargs
 from multitoken.bench.common import distinct_ngram_ratio, format_table, print_json, set_threads
 from multitoken.bench.hf_baselines import Decoded, HFBaselines, require_transformers
-from multitoken.checkpoint import load_checkpoint
+from multitoken.checkpoint import dtype_name, load_checkpoint
 from multitoken.decoding.calibrate import (
-    dtype_name,
     load_calibration,
     prompts_from,
     setting_calibration,

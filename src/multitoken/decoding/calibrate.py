@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multitoken.checkpoint import find_checkpoint, read_config
+from multitoken.checkpoint import dtype_name, find_checkpoint, read_config
 from multitoken.config import DataConfig, from_dict
 from multitoken.data import prepare_data
 from multitoken.decoding.engine import Engine
@@ -420,11 +420,6 @@ def setting_calibration(calib: dict[str, Any] | None,
         if own:
             return own, f"calibrated for {sampling.label}"
     return calib, "calibrated for greedy"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """A dtype as calibration.json and bench decode's JSON write it, e.g. "float32"."""
-    return str(dtype).removeprefix("torch.")
 
 
 def load_calibration(checkpoint: str | Path,
