@@ -446,3 +446,14 @@ def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
     starts = (np.arange(count, dtype=np.int64) * (n - span)) // max(count - 1, 1)
     rows = min(batch_size, count)
     return [_windows(tokens, starts[i:i + rows], seq_len) for i in range(0, count, rows)]
+
+
+def prompts_from(tokens: np.ndarray | torch.Tensor, n: int, length: int,
+                 margin: int = 0) -> list[list[int]]:
+    """n prompts of `length` tokens, evenly spaced through `tokens` (e.g. the validation split),
+    the first starting at `margin` and the last `margin` before the last possible start."""
+    arr = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens).reshape(-1)
+    if arr.size < length + 1:
+        raise DataError(f"not enough held-out tokens ({arr.size}) for prompts of {length}")
+    starts = np.linspace(margin, arr.size - length - 1 - margin, num=n).astype(np.int64)
+    return [arr[s:s + length].astype(np.int64).tolist() for s in starts]

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from multitoken.checkpoint import dtype_name, find_checkpoint, read_config
 from multitoken.config import DataConfig, from_dict
-from multitoken.data import prepare_data
+from multitoken.data import prepare_data, prompts_from
 from multitoken.decoding.engine import Engine
 from multitoken.decoding.generate import generate
 from multitoken.decoding.reach import measure_reach, measurement_tree
@@ -158,15 +158,6 @@ def typical_time(samples: Sequence[float]) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Acceptance.
-
-
-def prompts_from(tokens: np.ndarray | Tensor, n: int, length: int) -> list[list[int]]:
-    """n prompts of `length` tokens, evenly spaced through `tokens` (e.g. the validation split)."""
-    arr = np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens).reshape(-1)
-    if arr.size < length + 1:
-        raise MultitokenError(f"not enough held-out tokens ({arr.size}) for prompts of {length}")
-    starts = np.linspace(0, arr.size - length - 1, num=n).astype(np.int64)
-    return [arr[s:s + length].astype(np.int64).tolist() for s in starts]
 
 
 def draft_ranks(model: MultiTokenModel, seqs: Tensor, start: int, max_rank: int) -> np.ndarray:

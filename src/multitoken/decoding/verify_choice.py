@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from multitoken.data import prompts_from
 from multitoken.decoding.generate import generate
 from multitoken.decoding.sampling import Sampling
 from multitoken.decoding.tree import Path as TreePath
@@ -81,13 +82,9 @@ def verification_prompts(tokens: np.ndarray | Tensor, n: int, length: int,
     """n prompts of `length` tokens from the held-out split, evenly spaced and shifted by half
     the spacing of calibrate's `n_acceptance` acceptance prompts, so that they are other text
     where the split is long enough."""
-    arr = np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens).reshape(-1)
-    if arr.size < length + 1:
-        raise MultitokenError(f"not enough held-out tokens ({arr.size}) for prompts of {length}")
-    span = arr.size - length - 1
-    shift = span // (2 * max(n_acceptance - 1, 1))
-    starts = np.linspace(shift, span - shift, num=n).astype(np.int64)
-    return [arr[s:s + length].astype(np.int64).tolist() for s in starts]
+    size = int(tokens.numel() if isinstance(tokens, Tensor) else np.size(tokens))
+    margin = max(size - length - 1, 0) // (2 * max(n_acceptance - 1, 1))
+    return prompts_from(tokens, n, length, margin=margin)
 
 
 def candidates(choice: dict[str, Any], grown: list[TreePath], depth: int,
