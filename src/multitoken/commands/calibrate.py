@@ -66,11 +66,12 @@ def _report(name: str, part: dict[str, Any]) -> None:
     for B, c in part["by_batch_size"].items():
         cost = part["forward_cost"][B]
         chain = ", ".join(f"k={k}: {v:.2f}x" for k, v in c["expected_speedup"]["chain"].items())
-        tree = c.get("model_choice", c)["tree"]
+        model_choice = c.get("model_choice", c)  # the model's own choice, before verification
+        tree = model_choice["tree"]
         best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(tree).paths)), 0.0)
         print(f"{name}, batch {B}: plain forward {cost['plain_ms']:.2f} ms; expected speedup "
               f"chain {chain}; tree of {len(tree)} nodes: {best_tree:.2f}x -> "
-              f"{c.get('model_choice', c)['best_mode']}")
+              f"{model_choice['best_mode']}")
         if "verified" in c:
             v = c["verified"]
             runs = ", ".join(f"{n}: {x['measured_speedup']:.2f}x ({x['predicted_speedup']:.2f}x)"

@@ -144,16 +144,16 @@ class Verification:
     def rates(self, sampling: Sampling, cands: list[Candidate],
               batch_size: int) -> dict[str, float]:
         """Measured tokens/s of plain decoding ("plain") and of each candidate."""
-        runs: list[Candidate | None] = [None, *cands]
-        names = ["plain" if c is None else c.name for c in runs]
-        done = {n: [0, 0.0] for n in names}
+        runs: list[tuple[Candidate | None, str]] = [(None, "plain"),
+                                                    *((c, c.name) for c in cands)]
+        done = {name: [0, 0.0] for _, name in runs}
         batches = self.batches(batch_size)
-        for c in runs:  # warm-up: first calls pay for allocations and tree tables
+        for c, _ in runs:  # warm-up: first calls pay for allocations and tree tables
             self.timer(sampling, c, batches[0], min(self.warmup_tokens, self.new_tokens),
                        self.seed)
         for i, batch in enumerate(batches):
             turn = i % len(runs)
-            for c, name in zip(runs[turn:] + runs[:turn], names[turn:] + names[:turn]):
+            for c, name in runs[turn:] + runs[:turn]:
                 tokens, seconds = self.timer(sampling, c, batch, self.new_tokens, self.seed + i)
                 done[name][0] += tokens
                 done[name][1] += seconds
