@@ -24,7 +24,7 @@ from multitoken.loss import (
     shift_targets,
 )
 
-HEAD_TYPES = ["transformer", "linear", "causal", "anticausal"]
+HEAD_TYPES = ["transformer", "linear", "causal", "anticausal", "token_conditioned"]
 
 
 def grads(model) -> torch.Tensor:

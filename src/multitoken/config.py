@@ -17,7 +17,7 @@ import yaml
 
 from multitoken.errors import ConfigError
 
-HeadType = Literal["transformer", "linear", "causal", "anticausal"]
+HeadType = Literal["transformer", "linear", "causal", "anticausal", "token_conditioned"]
 RopeScaling = Literal["none", "llama3"]
 LossMethod = Literal["naive", "sequential", "chunked"]
 
@@ -27,10 +27,18 @@ class ModelConfig:
     """Shape of a multi-token prediction model.
 
     `n_layers` counts ALL transformer layers, as in the paper's parameter matching: with
-    transformer-layer heads (`transformer`, `causal`, `anticausal`) the trunk has
+    transformer-layer heads (`transformer`, `causal`, `anticausal`, `token_conditioned`) the
+    trunk has
     `n_layers - n_future` layers and each of the n_future heads is one layer (Meta's 7B n=4
     model: 32 = 28 trunk + 4 heads). With `linear` heads the trunk keeps all `n_layers` layers
     and each head is a d x d linear map. `n_future=1` with transformer heads is a plain Llama.
+
+    `token_conditioned` heads are DeepSeek-V3's MTP modules: head 1 is a transformer layer on
+    the trunk as for `transformer`; head k >= 2 reads head k-1's hidden state at position t and
+    the embedding of token t+k-1 (the token head k-1 predicts there: the ground truth in
+    training, the previous draft when decoding), RMS-normalises each, projects their
+    concatenation 2D -> D and runs one transformer layer (`model.TokenConditionedHead`). Each
+    such head also holds that 2D x D projection and two norms beyond its layer.
 
     The last group of fields are options of pretrained Hugging Face families (docs/weights.md):
     their defaults are the original Llama layout, which every checkpoint written before they

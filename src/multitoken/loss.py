@@ -190,12 +190,15 @@ def _all_heads(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], counts
 
 def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], counts: list[Tensor],
                 w: list[float], scale: float, chunked: bool, ctx: Callable[[], object]) -> LossOutput:
-    """Figure 2 of the paper, generalised to chained (causal / anticausal) heads.
+    """Figure 2 of the paper, generalised to chained (causal / anticausal / token-conditioned)
+    heads.
 
     Parallel heads: forward + backward one head at a time; only one head's logits ever exist.
     Chained heads: head layers run forward with detached links (their activations are one layer
     each, O(T*D)), then heads are processed from the end of the chain backwards so each head's
-    input gradient is complete before it is passed on to its parent.
+    input gradient is complete before it is passed on to its parent. Token-conditioned heads'
+    token embeddings are part of their head's own forward, so each head's backward also adds
+    its share of the embedding's gradient.
     """
     n = model.cfg.n_future
     T = idx.shape[1]
@@ -235,7 +238,7 @@ def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], count
             parent = model.head_parent(i)
             inp = z_leaf if parent is None else leaves[parent]
             with ctx():
-                outs[i] = model.head(i, inp, cos, sin)
+                outs[i] = model.head(i, inp, cos, sin, idx=idx)
             leaves[i] = outs[i].detach().requires_grad_(outs[i].requires_grad)
         for i in reversed(order):  # children before parents
             loss = head_loss(i, leaves[i])

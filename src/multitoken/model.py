@@ -2,6 +2,7 @@
 
     idx [B, T] -> tok_embeddings -> trunk layers -> z [B, T, D]
     z -> head_i (one transformer layer, or a linear map; parallel or chained) -> h_i [B, T, D]
+    (token_conditioned: h_{i-1}, emb(x_{t+i-1}) -> norm each, concat, 2D -> D, layer -> h_i)
     h_i -> shared RMSNorm -> shared unembedding -> logits_i [B, T, V]   (head i predicts x_{t+i})
 
 Weight names follow Meta's Llama checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ...,
@@ -140,7 +141,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: DecodeContext | None,
-                layer: int) -> Tensor:
+                layer: int, attn_mask: Tensor | None = None) -> Tensor:
+        """attn_mask [T, T] (bool, True = may attend) replaces the causal mask of an uncached
+        forward (token-conditioned heads 3.. see a gap); cached forwards take ctx.mask."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.hd)
         k = self.wk(x).view(B, T, self.n_kv, self.hd)
@@ -149,10 +152,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.wv(x).view(B, T, self.n_kv, self.hd)
         gqa = self.n_kv != self.n_heads
-        if ctx is None:  # training / full forward: plain causal attention over this sequence
+        if ctx is None:  # training / full forward: causal attention over this sequence
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=gqa)
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa)
         else:
             ctx.cache.write(layer, ctx.slots, k, v)
             kc, vc = ctx.cache.read(layer, ctx.kv_len)  # [B, S, Hkv, hd]
@@ -184,9 +187,49 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: DecodeContext | None = None,
-                layer: int = 0) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, ctx, layer)
+                layer: int = 0, attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, ctx, layer, attn_mask)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+class TokenConditionedHead(nn.Module):
+    """Head k >= 2 of `token_conditioned` models (DeepSeek-V3's MTP module, section 2.2):
+
+        h_k[t] = Block(eh_proj([hnorm(h_{k-1}[t]); enorm(emb(x_{t+k-1}))]))     [B, T, D]
+
+    h_{k-1} is the previous head's output (before the shared norm), emb the model's shared
+    token embedding. Names follow DeepSeek-V3's checkpoints (hnorm, enorm, eh_proj).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg)
+
+    def forward(self, h: Tensor, e: Tensor, cos: Tensor, sin: Tensor,
+                ctx: DecodeContext | None = None, layer: int = 0,
+                attn_mask: Tensor | None = None) -> Tensor:
+        """h, e [B, T, D] -> [B, T, D]."""
+        x = self.eh_proj(torch.cat([self.hnorm(h), self.enorm(e)], dim=-1))
+        return self.block(x, cos, sin, ctx, layer, attn_mask)
+
+
+def conditioned_visible(i: int, query_pos: Tensor, key_pos: Tensor,
+                        query_slot: Tensor | None = None) -> Tensor:
+    """Which keys token-conditioned head i (0-based) may attend to: its own entry and entries
+    at positions <= t - i + 1 (bool [..., Tq, Tk]). query_pos [..., Tq], key_pos [Tk] (cache
+    slots hold their position's entry); query_slot [..., Tq]: where each query's own entry is
+    (default: at its position).
+
+    Why the gap: head i's entry at position u reads token x_{u+i}. When decoding at position q
+    the tokens known for sure end at x_{q+1} (the token just produced), so only entries u <=
+    q + 1 - i can hold real tokens; the ones between would be drafts. Training sees exactly
+    what decoding can give. Heads 0..2 see every earlier position (plain causal attention).
+    """
+    own = key_pos == (query_pos if query_slot is None else query_slot)[..., :, None]
+    return own | (key_pos <= query_pos[..., :, None] - i + 1)
 
 
 class DecodeContext:
@@ -207,7 +250,11 @@ class MultiTokenModel(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_trunk_layers))
         # One independent module per head (never `[Block(cfg)] * n`, which shares weights).
-        if cfg.layer_heads:
+        self.heads: nn.ModuleList
+        if cfg.head_type == "token_conditioned":
+            self.heads = nn.ModuleList([Block(cfg), *(TokenConditionedHead(cfg)
+                                                      for _ in range(cfg.n_future - 1))])
+        elif cfg.layer_heads:
             self.heads = nn.ModuleList(Block(cfg) for _ in range(cfg.n_future))
         else:
             self.heads = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -255,7 +302,16 @@ class MultiTokenModel(nn.Module):
         return self.cfg.n_future
 
     @property
+    def conditioned(self) -> bool:
+        """Token-conditioned heads: head i >= 1 also reads the embedding of token t+i."""
+        return self.cfg.head_type == "token_conditioned"
+
+    @property
     def n_cache_layers(self) -> int:
+        # Token-conditioned draft heads keep their keys/values with the drafter
+        # (decoding/conditioned.py): the model's cache holds the trunk and head 1.
+        if self.conditioned:
+            return len(self.layers) + 1
         return len(self.layers) + (len(self.heads) if self.cfg.layer_heads else 0)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *,
@@ -264,6 +320,13 @@ class MultiTokenModel(nn.Module):
         return KVCache(self.n_cache_layers, batch_size, max_len or self.cfg.max_seq_len,
                        self.cfg.kv_heads, self.cfg.head_dim, device=p.device,
                        dtype=dtype or p.dtype)
+
+    def new_draft_cache(self, batch_size: int, max_len: int, *,
+                        dtype: torch.dtype | None = None) -> KVCache:
+        """Token-conditioned draft heads' own cache: one layer per draft head (head k at k-1)."""
+        p = self.tok_embeddings.weight
+        return KVCache(self.cfg.n_future - 1, batch_size, max_len, self.cfg.kv_heads,
+                       self.cfg.head_dim, device=p.device, dtype=dtype or p.dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -281,7 +344,7 @@ class MultiTokenModel(nn.Module):
 
     def head_parent(self, i: int) -> int | None:
         """Which head's output head i reads (None = the trunk output z)."""
-        if self.cfg.head_type == "causal" and i > 0:
+        if self.cfg.head_type in ("causal", "token_conditioned") and i > 0:
             return i - 1
         if self.cfg.head_type == "anticausal" and i < self.cfg.n_future - 1:
             return i + 1
@@ -301,11 +364,35 @@ class MultiTokenModel(nn.Module):
         return x
 
     def head(self, i: int, x: Tensor, cos: Tensor, sin: Tensor,
-             ctx: DecodeContext | None = None) -> Tensor:
-        """Head i's layer on its input x [B, T, D] -> un-normalised h_i [B, T, D]."""
+             ctx: DecodeContext | None = None, idx: Tensor | None = None) -> Tensor:
+        """Head i's layer on its input x [B, T, D] -> un-normalised h_i [B, T, D].
+
+        Token-conditioned heads i >= 1 also need the input tokens idx [B, T] (uncached only:
+        decoding runs them in `decoding.conditioned`), from which they read x_{t+i}."""
+        if self.conditioned and i > 0:
+            if idx is None or ctx is not None:
+                raise ValueError("token-conditioned heads 2.. run uncached here and need the "
+                                 "input tokens idx; decoding runs them in decoding.conditioned")
+            return self.heads[i](x, self.tok_embeddings(self.future_tokens(idx, i)), cos, sin,
+                                 None, 0, self.conditioned_mask(i, idx.shape[1], idx.device))
         if self.cfg.layer_heads:
             return self.heads[i](x, cos, sin, ctx, len(self.layers) + i)
         return self.heads[i](x)
+
+    @staticmethod
+    def future_tokens(idx: Tensor, i: int) -> Tensor:
+        """x_{t+i} for every position t of idx [B, T]: idx shifted left by i, 0 past the end.
+        Where t+i >= T head i's label x_{t+i+1} is past the end too, so those positions are
+        never scored, and no earlier position attends to them."""
+        return F.pad(idx[:, i:], (0, min(i, idx.shape[1])))
+
+    @staticmethod
+    def conditioned_mask(i: int, T: int, device: torch.device) -> Tensor | None:
+        """Token-conditioned head i's mask over T positions [T, T] (None = plain causal)."""
+        if i <= 2:
+            return None
+        pos = torch.arange(T, device=device)
+        return conditioned_visible(i, pos, pos)
 
     def unembed(self, h: Tensor) -> Tensor:
         """Shared final norm + unembedding: h [..., D] -> logits [..., V]."""
@@ -322,11 +409,13 @@ class MultiTokenModel(nn.Module):
         cos, sin = self.rope(T, pos)
         z = self.trunk(idx, cos, sin, ctx)
         return self.run_heads(z, range(self.cfg.n_future) if heads is None else heads, cos, sin,
-                              ctx)
+                              ctx, idx)
 
     def run_heads(self, z: Tensor, heads: Sequence[int], cos: Tensor, sin: Tensor,
-                  ctx: DecodeContext | None = None) -> dict[int, Tensor]:
-        """The requested heads on trunk output z [B, T, D], parents first -> {i: h_i}."""
+                  ctx: DecodeContext | None = None,
+                  idx: Tensor | None = None) -> dict[int, Tensor]:
+        """The requested heads on trunk output z [B, T, D], parents first -> {i: h_i}.
+        idx [B, T]: the input tokens (token-conditioned heads read them)."""
         wanted = set(heads)
         needed = set()
         for i in wanted:  # close over parents
@@ -338,7 +427,7 @@ class MultiTokenModel(nn.Module):
         for i in self.head_order():
             if i in needed:
                 parent = self.head_parent(i)
-                out[i] = self.head(i, z if parent is None else out[parent], cos, sin, ctx)
+                out[i] = self.head(i, z if parent is None else out[parent], cos, sin, ctx, idx)
         return {i: out[i] for i in sorted(wanted)}
 
     def forward(self, idx: Tensor, heads: Sequence[int] | None = None) -> Tensor:

@@ -20,7 +20,8 @@ cost is streaming the weights and per-op overhead, not FLOPs. So:
   attention output and FFN run at one position only (phase 2), not at all T.
 Plain decoding runs the very same code with P=1, so the baseline is exactly as optimised as the
 speculative modes. Chained (causal, anticausal) and linear heads use the model's own head
-modules on top of the same trunk.
+modules on top of the same trunk. Token-conditioned heads: the engine runs the trunk and head 1
+(P=1); their draft heads need the tokens they follow and run in `decoding.conditioned`.
 
 Weights: an Engine uses the transformer layers' weights as they are when it is built, however
 they were changed before (`p.data.copy_`, `load_state_dict`, an optimizer step, `.to()`), and
@@ -331,10 +332,16 @@ class _Cache:
 _CACHES: weakref.WeakKeyDictionary[MultiTokenModel, _Cache] = weakref.WeakKeyDictionary()
 
 
+def _lays_out_head0(cfg: ModelConfig) -> bool:
+    """Head 1 is a transformer layer on the trunk, laid out with it: parallel transformer
+    heads, and token-conditioned ones (whose draft heads run in decoding.conditioned)."""
+    return cfg.head_type in ("transformer", "token_conditioned")
+
+
 def _current(cache: _Cache, model: MultiTokenModel, key: tuple[int, torch.dtype]) -> bool:
     """Whether every layout the Layers `key` uses is, bit for bit, what laying the model's
     current weights out would give (the trunk, head 1, the draft stack if already built)."""
-    head0 = model.heads[0] if model.cfg.head_type == "transformer" else None
+    head0 = model.heads[0] if _lays_out_head0(model.cfg) else None
     entry = cache.layers.get(key)
     drafts = None if entry is None else entry.draft_weights
     cmp = _Bitwise()
@@ -354,13 +361,12 @@ def _layouts(model: MultiTokenModel, n_predict: int, draft_dtype: torch.dtype) -
     cache = _CACHES.get(model)
     if cache is None or not _current(cache, model, key):
         dtype = model.tok_embeddings.weight.dtype
-        stacked = model.cfg.head_type == "transformer"
         cache = _CACHES[model] = _Cache(
             dtype, [_Weights([b], dtype) for b in model.layers],
-            _Weights([model.heads[0]], dtype) if stacked else None)
+            _Weights([model.heads[0]], dtype) if _lays_out_head0(model.cfg) else None)
     if key not in cache.layers:
         drafts = (_Weights(list(model.heads[1:n_predict]), draft_dtype)
-                  if cache.head0 is not None and n_predict > 1 else None)
+                  if model.cfg.head_type == "transformer" and n_predict > 1 else None)
         cache.layers[key] = Layers(model.cfg, cache.trunk, cache.head0, drafts)
     return cache.layers[key]
 
@@ -387,7 +393,10 @@ class Engine:
         with torch.no_grad():
             self.layers = _layouts(model, n_predict, self.draft_dtype)
             self.draft_unembed = model.output.weight.detach().to(self.draft_dtype)
-        self.stacked = model.cfg.head_type == "transformer"
+        self.stacked = _lays_out_head0(model.cfg)
+        if model.cfg.head_type == "token_conditioned" and n_predict > 1:
+            raise ValueError("token-conditioned draft heads run in decoding.conditioned: build "
+                             "the Engine with n_predict=1")
         self.n_trunk = len(model.layers)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

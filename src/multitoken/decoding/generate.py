@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from multitoken.decoding.conditioned import ConditionedDecoder
 from multitoken.decoding.engine import Engine, prefill
 from multitoken.decoding.sampling import Sampling, pick
 from multitoken.decoding.speculate import SpeculativeDecoder, StepOut
@@ -236,9 +237,14 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
     if max_new_tokens == 0:
         return GenerationResult(out, stats, reasons)
 
-    decoder: PlainDecoder | SpeculativeDecoder
+    decoder: PlainDecoder | SpeculativeDecoder | ConditionedDecoder
     if speculative == "off":
         decoder = PlainDecoder(model, sampling, generator)
+    elif model.conditioned:
+        if speculative == "tree":
+            raise MultitokenError("speculative='tree' is not built for token_conditioned heads "
+                                  "yet; use speculative='chain'")
+        decoder = ConditionedDecoder(model, k, sampling, generator)
     else:
         if speculative == "chain":
             t = Tree.chain(k)

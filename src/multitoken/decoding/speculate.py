@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from multitoken.decoding.engine import Engine, prefill
+from multitoken.decoding.engine import Engine, Forward, prefill
 from multitoken.decoding.sampling import (
     Sampling,
     accept_drafts,
@@ -129,11 +129,11 @@ def verify(logits: Tensor, tok: Tensor, q: Tensor | None, t: dict[str, Tensor],
     return acc, sample(final, generator)
 
 
-def speculate_step(engine: Engine, cache: KVCache, tree: Tree, root: Tensor, drafts: Drafts,
-                   base: Tensor, kv_len: int, sampling: Sampling,
-                   generator: torch.Generator | None) -> tuple[StepOut, Tensor, Drafts]:
-    """One step. root [B] at positions base [B]; drafts: the tree's nodes, proposed by draft
-    heads 2..D+1. Returns (what the step appends, the next root [B], the next drafts)."""
+def verify_step(engine: Engine, cache: KVCache, tree: Tree, root: Tensor, drafts: Drafts,
+                base: Tensor, kv_len: int, sampling: Sampling,
+                generator: torch.Generator | None) -> tuple[StepOut, Tensor, Forward]:
+    """Steps 1-2: feed [root, nodes] and verify. root [B] at positions base [B]. Returns (what
+    the step appends, the next root [B], the forward, for proposing the next drafts)."""
     t = tree.tensors(root.device)
     inp = torch.cat([root[:, None], drafts.tokens], dim=1)  # [B, N+1]
     fwd = engine.forward(inp, base[:, None] + t["depth"], tree_context(cache, base, tree, kv_len))
@@ -141,12 +141,25 @@ def speculate_step(engine: Engine, cache: KVCache, tree: Tree, root: Tensor, dra
     emit = t["emit"][acc]  # [B, D+3]
     D = tree.depth
     tokens = torch.cat([inp, nxt[:, None]], dim=1).gather(1, emit[:, :D + 1])  # path, bonus
+    return StepOut(tokens, emit[:, D + 1], emit[:, D + 2], acc), nxt, fwd
+
+
+def speculate_step(engine: Engine, cache: KVCache, tree: Tree, root: Tensor, drafts: Drafts,
+                   base: Tensor, kv_len: int, sampling: Sampling,
+                   generator: torch.Generator | None) -> tuple[StepOut, Tensor, Drafts]:
+    """One step. root [B] at positions base [B]; drafts: the tree's nodes, proposed by draft
+    heads 2..D+1. Returns (what the step appends, the next root [B], the next drafts)."""
+    t = tree.tensors(root.device)
+    out, nxt, fwd = verify_step(engine, cache, tree, root, drafts, base, kv_len, sampling,
+                                generator)
+    acc, D = out.node, tree.depth
+    assert acc is not None
     # Next drafts from the accepted node, attending through the tree mask: before compaction.
     new = propose(engine.draft_logits(engine.draft_hidden(fwd, acc)), tree, sampling, generator)
     if not tree.is_chain and not bool(t["in_place"][acc].all()):
         d = torch.arange(1, D + 1, device=base.device)
         cache.copy_slots(base[:, None] + t["path_nodes"][acc], base[:, None] + d)
-    return StepOut(tokens, emit[:, D + 1], emit[:, D + 2], acc), nxt, new
+    return out, nxt, new
 
 
 class SpeculativeDecoder:
