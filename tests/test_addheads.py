@@ -36,9 +36,39 @@ def test_trunk_and_head1_unchanged_new_heads_copy_head1(src_n, dst_n):
             assert torch.equal(dst(idx, heads=[dst_n - 1]), src(idx, heads=[0]))
 
 
+@pytest.mark.parametrize("src_n", [1, 2])
+def test_token_conditioned_modules_start_from_head1_layer_and_identity_projection(src_n):
+    src = tiny_model(n_layers=2 + src_n, n_future=src_n).eval()
+    dst = add_heads(src, 4, "token_conditioned").eval()
+    assert dst.conditioned and dst.cfg.n_layers == 6 and len(dst.layers) == 2
+    D = dst.cfg.dim
+    s = src.state_dict()
+    for name, t in dst.state_dict().items():
+        if not name.startswith("heads.") or name.startswith("heads.0."):
+            assert torch.equal(t, s[name]), name
+    for h in dst.heads[1:]:
+        for name, t in h.block.state_dict().items():
+            assert torch.equal(t, s[f"heads.0.{name}"]), name
+        assert torch.equal(h.eh_proj.weight, torch.cat([torch.eye(D), torch.zeros(D, D)], 1))
+        assert torch.equal(h.hnorm.weight, torch.ones(D))
+    idx = torch.randint(0, 37, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(dst(idx, heads=[0]), src(idx, heads=[0]))
+    prompt = [[1, 2, 3], [4, 5, 6, 7]]
+    assert generate(src, prompt, 12).tokens == generate(dst, prompt, 12).tokens == \
+        generate(dst, prompt, 12, speculative="chain").tokens
+    # and back: token-conditioned -> more modules keeps the existing ones
+    more = add_heads(dst, 5)
+    assert more.conditioned
+    for name, t in dst.state_dict().items():
+        assert torch.equal(more.state_dict()[name], t), name
+
+
 def test_refuses_non_transformer_heads_and_bad_n():
     with pytest.raises(ConfigError, match="transformer heads"):
         add_heads(tiny_model(head_type="linear"), 4)
+    with pytest.raises(ConfigError, match="--head-type"):
+        add_heads(tiny_model(), 4, "causal")
     with pytest.raises(ConfigError, match=">= 1"):
         add_heads(tiny_model(), 0)
 
@@ -65,7 +95,8 @@ def test_cli_plain_decoding_bit_identical(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_train_heads_only_from_add_heads_keeps_plain_decoding(tmp_path, capsys):
+@pytest.mark.parametrize("head_type", ["transformer", "token_conditioned"])
+def test_train_heads_only_from_add_heads_keeps_plain_decoding(tmp_path, capsys, head_type):
     """n=1 model -> add-heads -> train heads 2..n only (train.trainable=draft_heads): plain
     decoding is bit-identical to the n=1 model's, and the draft heads did train. Full
     fine-tuning with --init changes the trunk. A model flag that contradicts --init fails."""
@@ -78,18 +109,19 @@ def test_train_heads_only_from_add_heads_keeps_plain_decoding(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "ntp"), *args, *base,
                  "--model.n_future=1", "--model.n_layers=2"]) == 0
     assert main(["add-heads", "--checkpoint", str(tmp_path / "ntp"), "--n-future", "3",
-                 "--out", str(tmp_path / "mtp0")]) == 0
+                 "--head-type", head_type, "--out", str(tmp_path / "mtp0")]) == 0
     init_only = [o for o in base if not o.startswith("--model.")]
     assert main(["train", "--out", str(tmp_path / "heads"), "--init", str(tmp_path / "mtp0"),
                  *args, *init_only, "--train.trainable=draft_heads"]) == 0
     ntp, _ = load_checkpoint(tmp_path / "ntp")
     mtp0, _ = load_checkpoint(tmp_path / "mtp0")
     heads, _ = load_checkpoint(tmp_path / "heads")
-    assert heads.cfg.n_future == 3
+    assert heads.cfg.n_future == 3 and heads.cfg.head_type == head_type
     frozen = {k: v for k, v in heads.state_dict().items() if not k.startswith(("heads.1", "heads.2"))}
     for k, v in frozen.items():
         assert torch.equal(v, mtp0.state_dict()[k]), k
-    assert not torch.equal(heads.heads[1].attention.wq.weight, mtp0.heads[1].attention.wq.weight)
+    wq = ("block." if head_type == "token_conditioned" else "") + "attention.wq.weight"
+    assert not torch.equal(heads.heads[2].state_dict()[wq], mtp0.heads[2].state_dict()[wq])
     prompt = [[100, 101, 102, 32], [114, 101]]
     assert generate(ntp, prompt, 20).tokens == generate(heads, prompt, 20).tokens == \
         generate(heads, prompt, 20, speculative="chain").tokens

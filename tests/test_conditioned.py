@@ -178,6 +178,12 @@ def test_chain_sampling_matches_exact_distribution(s):
     assert 0.2 < stats.acceptance[0] < 0.98
 
 
-def test_trees_are_refused_with_a_clear_error():
+def test_branching_trees_are_refused_and_chain_shaped_trees_are_chains():
+    m = random_model(TC)
     with pytest.raises(MultitokenError, match="not built for token_conditioned"):
-        generate(random_model(TC), [1, 2], 5, speculative="tree")
+        generate(m, [1, 2], 5, speculative="tree", tree=[(0,), (1,)])
+    # calibrate's verification names a chain as a tree: it decodes as that chain
+    as_tree = generate(m, [1, 2, 3], 12, speculative="tree", tree=[(0,), (0, 0)])
+    chain = generate(m, [1, 2, 3], 12, speculative="chain", num_drafts=2)
+    assert as_tree.tokens == chain.tokens == generate(m, [1, 2, 3], 12).tokens
+    assert as_tree.stats.num_drafts == chain.stats.num_drafts == 2

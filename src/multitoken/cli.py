@@ -180,6 +180,9 @@ def add_heads_parser() -> cliargs.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="source checkpoint (or run) directory")
     p.add_argument("--n-future", type=cliargs.positive_int, required=True,
                    help="number of heads of the new model (head 1 included)")
+    p.add_argument("--head-type", choices=["transformer", "token_conditioned"], default=None,
+                   help="type of the new model's draft heads (default: the source's); "
+                   "token_conditioned: DeepSeek-V3-style MTP modules")
     p.add_argument("--out", required=True, help="new checkpoint directory (must not exist)")
     return p
 
@@ -192,11 +195,11 @@ def cmd_add_heads(argv: list[str]) -> int:
 
     out = new_output_dir(args.out, "--out")
     model, tok = load_checkpoint(args.checkpoint)
-    new = add_heads(model, args.n_future)
+    new = add_heads(model, args.n_future, args.head_type)
     run = run_config_with(read_config(args.checkpoint).get("run", {}), new.cfg.__dict__)
     save_checkpoint(out, new, tok, run_config=run, step=0,
                     extra={"source": str(args.checkpoint)})
-    print(f"{out}: {model.cfg.n_future} -> {new.cfg.n_future} heads "
+    print(f"{out}: {model.cfg.n_future} -> {new.cfg.n_future} heads ({new.cfg.head_type}) "
           f"({new.num_params() / 1e6:.2f}M non-embedding params; trunk and head 1 unchanged)")
     return 0
 

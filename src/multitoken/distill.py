@@ -180,7 +180,9 @@ def distill_loss(model: MultiTokenModel, seqs: Tensor, start: int, target: str =
     with torch.no_grad():  # the frozen teacher: trunk + head 1
         z = model.trunk(seqs, cos, sin)
         teacher = model.unembed(model.head(0, z, cos, sin))
-    hs = model.run_heads(z, draft_heads(model), cos, sin)
+    # Token-conditioned heads read the tokens they follow: head 1's own (teacher forced), which
+    # are the drafts whenever the drafts before them are accepted.
+    hs = model.run_heads(z, draft_heads(model), cos, sin, idx=seqs)
     losses = [draft_head_loss(model.unembed(hs[i]), teacher, i, start, target, sampling)
               for i in hs]
     return torch.stack(losses).sum(), [float(x.detach()) for x in losses]

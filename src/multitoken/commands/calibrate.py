@@ -68,10 +68,12 @@ def _report(name: str, part: dict[str, Any]) -> None:
         chain = ", ".join(f"k={k}: {v:.2f}x" for k, v in c["expected_speedup"]["chain"].items())
         model_choice = c.get("model_choice", c)  # the model's own choice, before verification
         tree = model_choice["tree"]
-        best_tree = c["expected_speedup"]["tree"].get(str(len(Tree(tree).paths)), 0.0)
+        trees = c["expected_speedup"]["tree"]
+        best_tree = (f"tree of {len(tree)} nodes: "
+                     f"{trees.get(str(len(Tree(tree).paths)), 0.0):.2f}x" if trees
+                     else "no trees (token-conditioned heads decode chains)")
         print(f"{name}, batch {B}: plain forward {cost['plain_ms']:.2f} ms; expected speedup "
-              f"chain {chain}; tree of {len(tree)} nodes: {best_tree:.2f}x -> "
-              f"{model_choice['best_mode']}")
+              f"chain {chain}; {best_tree} -> {model_choice['best_mode']}")
         if "verified" in c:
             v = c["verified"]
             runs = ", ".join(f"{n}: {x['measured_speedup']:.2f}x ({x['predicted_speedup']:.2f}x)"
@@ -104,8 +106,9 @@ def main(argv: list[str]) -> int:
         e = part["expected_tokens_per_forward"]
         print(f"{label}: acceptance of the first draft of heads 2..{model.n_future} (given "
               f"earlier accepted): {acc}; expected tokens/forward chain-{len(e['chain'])} "
-              f"{e['chain'][str(len(e['chain']))]:.2f}, chosen tree {e['tree']:.2f} "
-              f"({part['measured_on']['steps']} steps measured)")
+              f"{e['chain'][str(len(e['chain']))]:.2f}"
+              + (f", chosen tree {e['tree']:.2f}" if not model.conditioned else "")
+              + f" ({part['measured_on']['steps']} steps measured)")
         _report(label, part)
     print(f"wrote {out}")
     return 0

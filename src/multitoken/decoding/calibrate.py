@@ -63,6 +63,7 @@ from torch import Tensor
 from multitoken.checkpoint import dtype_name, find_checkpoint, read_config
 from multitoken.config import DataConfig, from_dict
 from multitoken.data import prepare_data, prompts_from
+from multitoken.decoding.conditioned import conditioned_drafts
 from multitoken.decoding.engine import Engine
 from multitoken.decoding.generate import generate
 from multitoken.decoding.reach import measure_reach, measurement_tree
@@ -88,20 +89,25 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
     A forward is what a step runs: the trunk and head 1 over m tokens (keys/values of heads
     2..h too), head 1's logits at all m, and the draft heads' logits at one position per
     sequence (none when h == 1); then argmaxes (greedy, the default) or, with a sampling
-    setting, the processed distributions and a draw from each. Shapes are timed round-robin so
-    load drifts hit all alike.
+    setting, the processed distributions and a draw from each. Token-conditioned draft heads
+    instead run as a chain step runs them (`conditioned.draft_chain`: one call per head over
+    m + 1 columns, each drafting from the last). Shapes are timed round-robin so load drifts
+    hit all alike.
     """
     if reps < 1:
         raise MultitokenError(f"reps must be >= 1, got {reps}")
     cfg = model.cfg
     context = max(1, min(context, cfg.max_seq_len - max(m for m, _ in shapes)))
     device = model.tok_embeddings.weight.device
-    engines = {h: Engine(model, h) for _, h in shapes}
+    # Token-conditioned draft heads run outside the engine (decoding.conditioned).
+    engines = {h: Engine(model, 1 if model.conditioned else h) for _, h in shapes}
     cache = model.new_cache(batch_size, context + max(m for m, _ in shapes))
+    draft_cache = model.new_draft_cache(batch_size, context + 2 * max(m for m, _ in shapes) + 2)
     gen = torch.Generator(device="cpu").manual_seed(0)
     draws = torch.Generator(device=device).manual_seed(0)
     times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
     sampled = sampling is not None and not sampling.greedy
+    sampled_with = sampling if sampled else Sampling()
 
     def run(m: int, h: int) -> None:
         idx = torch.randint(0, cfg.vocab_size, (batch_size, m), generator=gen).to(device)
@@ -114,7 +120,10 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
             sample(process_logits(logits, sampling), draws)
         else:
             logits.argmax(-1)
-        if h > 1:
+        if h > 1 and model.conditioned:
+            conditioned_drafts(model, eng, draft_cache, fwd.h0, idx, pos, h - 1, sampled_with,
+                               draws)
+        elif h > 1:
             sel = torch.full((batch_size,), m - 1, device=device)
             dl = eng.draft_logits(eng.draft_hidden(fwd, sel))
             if sampled:
@@ -268,7 +277,8 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
     chain_e = {k: simulate_tokens_per_forward(ranks, [(0,) * d for d in range(1, k + 1)])
                for k in range(1, D + 1)}
     grown = grow_tree(prob, max_nodes, D, max_rank)  # candidates in order of P(accepted)
-    tree_e = {s: simulate_tokens_per_forward(ranks, grown[:s]) for s in tree_sizes(len(grown))}
+    tree_e = {s: simulate_tokens_per_forward(ranks, grown[:s])
+              for s in tree_sizes(len(grown)) if not model.conditioned}  # chains only there
     context = prompt_len + gen_len // 2
     verify = None if verify_prompts <= 0 else make_verification(
         model, val_tokens, verify_prompts, verify_tokens, prompt_len, n_prompts, batch_sizes,
@@ -366,7 +376,8 @@ def calibrate_setting(model: MultiTokenModel, prompts: list[list[int]], gen_len:
     `verify`, the choice checked by decoding (see `choose`)."""
     say = log or (lambda *_: None)
     D = model.n_future - 1
-    mtree = Tree(measurement_tree(D))
+    # Token-conditioned heads decode chains only: measure the chain of every head.
+    mtree = Tree.chain(D) if model.conditioned else Tree(measurement_tree(D))
     device = model.tok_embeddings.weight.device
     say(f"{sampling.label}: decoding {len(prompts)} held-out prompts x {gen_len} sampled tokens "
         f"over a measurement tree of {mtree.size} nodes")
@@ -375,7 +386,8 @@ def calibrate_setting(model: MultiTokenModel, prompts: list[list[int]], gen_len:
     prob = lambda p: reach.get(tuple(p), 0.0)  # noqa: E731
     chain_e = {k: 1.0 + sum(prob((0,) * d) for d in range(1, k + 1)) for k in range(1, D + 1)}
     grown = grow_tree(prob, max_nodes, D, mtree.max_rank)
-    tree_e = {s: 1.0 + sum(prob(p) for p in grown[:s]) for s in tree_sizes(len(grown))}
+    tree_e = {s: 1.0 + sum(prob(p) for p in grown[:s])
+              for s in tree_sizes(len(grown)) if not model.conditioned}
     choices, costs = choose(model, chain_e, tree_e, grown, batch_sizes, reps, context, sampling,
                             say, verify)
     first = choices[str(batch_sizes[0])]

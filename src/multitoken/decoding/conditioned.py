@@ -59,6 +59,78 @@ def run_draft_head(model: MultiTokenModel, k: int, cache: KVCache, h: Tensor, to
     return model.heads[k](h, model.tok_embeddings(tok), cos, sin, ctx, k - 1)
 
 
+def draft_from(engine: Engine, h: Tensor, sampling: Sampling,
+               generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+    """A draft from a draft head's output h [B, D] -> (token [B], its q [B, V] or None):
+    the argmax when greedy, else a draw from the processed distribution q."""
+    logits = engine.draft_logits(h[None])[0]  # [B, V]
+    if sampling.greedy:
+        return logits.argmax(-1), None
+    q = process_logits(logits, sampling)
+    return sample(q, generator), q
+
+
+def stack_drafts(toks: list[Tensor], qs: list[Tensor | None], sampling: Sampling) -> Drafts:
+    return Drafts(torch.stack(toks, 1),
+                  None if sampling.greedy else torch.stack(qs, 1))  # type: ignore[arg-type]
+
+
+def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache,
+                      carry: list[Tensor], h0: Tensor, emitted: Tensor, pos: Tensor, a: Tensor,
+                      sampling: Sampling,
+                      generator: torch.Generator | None) -> tuple[Drafts, list[Tensor]]:
+    """The end of a step (module docstring): bring every draft head's cache entries up to the
+    new frontier and draft the next chain.
+
+    h0 [B, K+1, D]: head 1's outputs at the step's chain positions pos + 0..K (pos [B]: the old
+    root's); emitted [B, K+1]: the tokens the step emitted there (a [B] accepted drafts, then
+    the bonus, then unused columns); carry: head k's output at its last exact position before
+    this step, k = 1..K-1. Returns (the next drafts, the next carry)."""
+    K = h0.shape[1] - 1
+    B = pos.shape[0]
+    rows = torch.arange(B, device=pos.device)
+    col = torch.arange(K + 1, device=pos.device)  # exact-run columns i = 0..K
+    q = pos + a  # the new draft position (the new root is at q + 1)
+    valid = col[None] <= a[:, None]  # [B, K+1]
+    garbage = q[:, None] + 1 + col[None]  # slots past q for unused columns
+    kv = int((q + K + 1).max()) + 1
+    # head 1: positions p..p+a, h_0 there (chain node i sits at position p+i)
+    p1 = pos[:, None] + col[None]
+    h = run_draft_head(model, 1, cache, h0, emitted, p1, torch.where(valid, p1, garbage), kv)
+    h_query = h[rows, a]  # h_1[q]
+    tok, qk = draft_from(engine, h_query, sampling, generator)
+    toks, qs = [tok], [qk]
+    new_carry = [h_query]
+    for k in range(2, K + 1):
+        pk = pos[:, None] + col[None] - k + 1  # exact positions p-k+1.. (< 0: none there)
+        ok = valid & (pk >= 0)
+        hin = torch.cat([carry[k - 2][:, None], h[:, :K], h_query[:, None]], 1)
+        tin = torch.cat([emitted, tok[:, None]], 1)
+        pin = torch.cat([pk.clamp(min=0), q[:, None]], 1)
+        sin = torch.cat([torch.where(ok, pk, garbage), q[:, None]], 1)
+        out_k = run_draft_head(model, k, cache, hin, tin, pin, sin, kv)
+        h, h_query = out_k[:, :K + 1], out_k[:, K + 1]
+        if k < K:
+            new_carry.append(h[rows, a])
+        tok, qk = draft_from(engine, h_query, sampling, generator)
+        toks.append(tok)
+        qs.append(qk)
+    return stack_drafts(toks, qs, sampling), new_carry[:K - 1]
+
+
+def conditioned_drafts(model: MultiTokenModel, engine: Engine, cache: KVCache, h0: Tensor,
+                       idx: Tensor, pos: Tensor, k: int, sampling: Sampling,
+                       generator: torch.Generator | None) -> Drafts:
+    """A chain step's draft-head work after a forward over idx [B, k+1] at positions
+    pos [B, k+1] (head 1's outputs h0 [B, k+1, D]) that accepted every draft: for timing
+    (`calibrate.time_forwards`); `cache` is a draft cache with room past pos + k + 1."""
+    B = idx.shape[0]
+    carry = [h0.new_zeros(B, h0.shape[-1]) for _ in range(k - 1)]
+    full = torch.full((B,), k, device=idx.device)
+    return refresh_and_draft(model, engine, cache, carry, h0, idx, pos[:, 0], full, sampling,
+                             generator)[0]
+
+
 class ConditionedDecoder:
     """generate()'s driver for chain speculation with token-conditioned heads: the same
     start / select / step as `speculate.SpeculativeDecoder` (see the module docstring)."""
@@ -76,30 +148,19 @@ class ConditionedDecoder:
         self.sampling, self.generator = sampling, generator
         self.width, self.depth = k + 1, k
 
-    # -- drafting -----------------------------------------------------------------------------
-    def _draft(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
-        """A draft from a draft head's output h [B, D] -> (token [B], its q [B, V] or None)."""
-        logits = self.engine.draft_logits(h[None])[0]  # [B, V]
-        if self.sampling.greedy:
-            return logits.argmax(-1), None
-        q = process_logits(logits, self.sampling)
-        return sample(q, self.generator), q
-
+    # -- drafting at prefill --------------------------------------------------------------------
     def _chain(self, h1: Tensor) -> Drafts:
         """Drafts 1..K from h_1[q] [B, D], each draft head's query run alone at q (prefill;
         a step runs them with the heads' exact runs)."""
-        toks, qs = [], []
-        tok, q = self._draft(h1)
-        toks.append(tok)
-        qs.append(q)
+        tok, q = draft_from(self.engine, h1, self.sampling, self.generator)
+        toks, qs = [tok], [q]
         h = h1
         for k in range(2, self.k + 1):
             h = self._query(k, h, tok)
-            tok, q = self._draft(h)
+            tok, q = draft_from(self.engine, h, self.sampling, self.generator)
             toks.append(tok)
             qs.append(q)
-        return Drafts(torch.stack(toks, 1),
-                      None if self.sampling.greedy else torch.stack(qs, 1))  # type: ignore[arg-type]
+        return stack_drafts(toks, qs, self.sampling)
 
     def _query(self, k: int, h: Tensor, tok: Tensor) -> Tensor:
         """Head k's query at q alone (prefill): h_{k-1}[q] [B, D], draft k-1 [B] -> h_k[q]."""
@@ -145,38 +206,8 @@ class ConditionedDecoder:
         """One step from the root at positions pos [B] (see the module docstring)."""
         out, self.tok, fwd = verify_step(self.engine, cache, self.tree, self.tok, self.drafts,
                                          pos, kv_len, self.sampling, self.generator)
-        K, a = self.k, out.n  # a [B]: drafts accepted
-        model, B = self.model, pos.shape[0]
-        rows = torch.arange(B, device=pos.device)
-        col = torch.arange(K + 1, device=pos.device)  # exact-run columns i = 0..K
-        q = pos + a  # the new draft position (the new root is at q + 1)
-        valid = col[None] <= a[:, None]  # [B, K+1]
-        garbage = q[:, None] + 1 + col[None]  # slots past q for unused columns
-        kv = int((q + K + 1).max()) + 1
-        emitted = out.tokens  # [B, K+1]: x_{p+1..p+a+1} (accepted drafts, bonus), then unused
-        # head 1: positions p..p+a, h_0 there (chain node i sits at position p+i)
-        p1 = pos[:, None] + col[None]
-        h = run_draft_head(model, 1, self.cache, fwd.h0, emitted, p1,
-                           torch.where(valid, p1, garbage), kv)
-        h_query = h[rows, a]  # h_1[q]
-        tok, q1 = self._draft(h_query)
-        toks, qs = [tok], [q1]
-        carry = [h_query]
-        for k in range(2, K + 1):
-            pk = pos[:, None] + col[None] - k + 1  # exact positions p-k+1.. (< 0: none there)
-            ok = valid & (pk >= 0)
-            hin = torch.cat([self.carry[k - 2][:, None], h[:, :K], h_query[:, None]], 1)
-            tin = torch.cat([emitted, tok[:, None]], 1)
-            pin = torch.cat([pk.clamp(min=0), q[:, None]], 1)
-            sin = torch.cat([torch.where(ok, pk, garbage), q[:, None]], 1)
-            out_k = run_draft_head(model, k, self.cache, hin, tin, pin, sin, kv)
-            h, h_query = out_k[:, :K + 1], out_k[:, K + 1]
-            if k < K:
-                carry.append(h[rows, a])
-            tok, qk = self._draft(h_query)
-            toks.append(tok)
-            qs.append(qk)
-        self.carry, self.q = carry[:K - 1], q
-        self.drafts = Drafts(torch.stack(toks, 1),
-                             None if self.sampling.greedy else torch.stack(qs, 1))  # type: ignore[arg-type]
+        self.drafts, self.carry = refresh_and_draft(
+            self.model, self.engine, self.cache, self.carry, fwd.h0, out.tokens, pos, out.n,
+            self.sampling, self.generator)
+        self.q = pos + out.n
         return out

@@ -241,10 +241,15 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
     if speculative == "off":
         decoder = PlainDecoder(model, sampling, generator)
     elif model.conditioned:
+        # A chain-shaped tree (calibrate's candidates name chains as trees) is a chain.
         if speculative == "tree":
-            raise MultitokenError("speculative='tree' is not built for token_conditioned heads "
-                                  "yet; use speculative='chain'")
+            t = Tree(tree if tree is not None else Tree.chain(k).paths, max_depth=k)
+            if not t.is_chain:
+                raise MultitokenError("trees are not built for token_conditioned heads yet: use "
+                                      "speculative='chain' (or a chain-shaped tree)")
+            k = t.depth
         decoder = ConditionedDecoder(model, k, sampling, generator)
+        stats.num_drafts = k
     else:
         if speculative == "chain":
             t = Tree.chain(k)
