@@ -225,6 +225,17 @@ _HF_LAYER = {**_LAYER, **_HF_OPTIONS}
 
 # Heads 2..n beside an exported Hugging Face model (written by export_hf, read by load_hf).
 MTP_WEIGHTS, MTP_JSON, MTP_FORMAT = "mtp_heads.safetensors", "mtp_heads.json", "multitoken-mtp-heads"
+MTP_HEAD_TYPES = ("transformer", "causal", "token_conditioned")
+# Token-conditioned heads 2..n: DeepSeek-V3's MTP-module names (eh_proj, enorm, hnorm beside
+# the module's decoder layer, whose weights carry the family's layer names).
+_TC_EXTRA = ("eh_proj.weight", "hnorm.weight", "enorm.weight")
+
+
+def _mtp_names(cfg: ModelConfig) -> dict[str, str]:
+    """A draft head's weight names, ours -> mtp_heads.safetensors' (after `heads.{i}.`)."""
+    if cfg.head_type != "token_conditioned":
+        return dict(_HF_LAYER)
+    return {**{f"block.{k}": v for k, v in _HF_LAYER.items()}, **{k: k for k in _TC_EXTRA}}
 
 
 def _hf_rope(c: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -372,10 +383,10 @@ def _read_mtp_json(d: Path) -> dict[str, Any] | None:
     m = _read_json(path)
     n, kind, names = m.get("n_future"), m.get("head_type"), m.get("names")
     if (m.get("format") != MTP_FORMAT or not isinstance(n, int) or n < 2
-            or kind not in ("transformer", "causal") or not isinstance(names, list)):
+            or kind not in MTP_HEAD_TYPES or not isinstance(names, list)):
         raise CheckpointError(f"{path}: not a multitoken heads description (format "
-                              f"{MTP_FORMAT!r}, n_future >= 2, head_type transformer or causal, "
-                              f"names)")
+                              f"{MTP_FORMAT!r}, n_future >= 2, head_type one of "
+                              f"{', '.join(MTP_HEAD_TYPES)}, names)")
     return m
 
 
@@ -430,6 +441,7 @@ def load_hf(directory: str | Path, *, max_seq_len: int | None = None,
     if cfg.n_future > 1:
         extra = read_weights(d / MTP_WEIGHTS)
         names = _read_json(d / MTP_JSON)["names"]
+        back = {v: k for k, v in _mtp_names(cfg).items()}
         if sorted(extra) != sorted(names):
             raise CheckpointError(f"{d / MTP_WEIGHTS} does not hold the weights {MTP_JSON} names")
         for name, t in extra.items():
@@ -550,6 +562,7 @@ def export_hf(model: MultiTokenModel, directory: str | Path,
         out["lm_head.weight"] = sd["output.weight"]
     extra: dict[str, Tensor] = {}
     n_trunk = cfg.n_trunk_layers
+    mtp_names = _mtp_names(cfg)
     for name, t in sd.items():
         parts = name.split(".", 2)
         if parts[0] == "layers":
@@ -557,7 +570,7 @@ def export_hf(model: MultiTokenModel, directory: str | Path,
         elif parts[0] == "heads" and parts[1] == "0":
             out[f"model.layers.{n_trunk}.{_HF_LAYER[parts[2]]}"] = t
         elif parts[0] == "heads":
-            extra[f"heads.{parts[1]}.{_HF_LAYER[parts[2]]}"] = t
+            extra[f"heads.{parts[1]}.{mtp_names[parts[2]]}"] = t
     save_file({k: v.detach().cpu().contiguous() for k, v in out.items()},
               str(d / "model.safetensors"), metadata={"format": "pt"})
     if extra:
@@ -568,8 +581,10 @@ def export_hf(model: MultiTokenModel, directory: str | Path,
             "about": (f"heads 2..{cfg.n_future} of a multitoken model whose head 1 is the last "
                       f"layer of model.safetensors; heads.{{i}} (i >= 1) predicts token t+i+1 "
                       f"and is one decoder layer (names as in model.safetensors) on the output "
-                      f"of the layers before head 1 (transformer) or of head i (causal); every "
-                      f"head ends in the shared model.norm and lm_head"),
+                      f"of the layers before head 1 (transformer) or of head i (causal); "
+                      f"token_conditioned: DeepSeek-V3's MTP module, eh_proj([hnorm(h_i); "
+                      f"enorm(embed(x_(t+i)))]) into that layer; every head ends in the "
+                      f"shared model.norm and lm_head"),
             "names": sorted(extra)})
     ids: dict[str, int | None] = {
         "bos_token_id": None if tokenizer is None else tokenizer.bos_id,
