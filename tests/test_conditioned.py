@@ -81,6 +81,22 @@ def test_memory_efficient_gradients_equal_naive_with_the_gap(method):
     assert m.tok_embeddings.weight.grad is not None
 
 
+@pytest.mark.parametrize("method", ["sequential", "chunked"])
+def test_gradient_accumulation_equals_one_batch(method):
+    """Two micro-batches with loss_scale 1/2 (what train.grad_accum=2 runs) accumulate the
+    gradient of the naive loss over both at once (equal label counts per half)."""
+    m = tc_model(n_future=4).train()
+    x, y = torch.randint(0, 37, (4, 20)), torch.randint(0, 37, (4, 20))
+    m.zero_grad(set_to_none=True)
+    mtp_loss(m, x, y, method="naive", backward=True)
+    g_ref = torch.cat([p.grad.flatten() for p in m.parameters()])
+    m.zero_grad(set_to_none=True)
+    for half in (slice(0, 2), slice(2, 4)):
+        mtp_loss(m, x[half], y[half], method=method, backward=True, loss_scale=0.5)
+    g = torch.cat([p.grad.flatten() for p in m.parameters()])
+    assert ((g - g_ref).abs().max() / g_ref.abs().max()) <= 1e-5
+
+
 def test_model_refuses_cached_draft_heads():
     m = tc_model(n_future=3)
     with pytest.raises(ValueError, match="decoding.conditioned"):

@@ -310,3 +310,20 @@ def test_error_on_another_rank_is_reported_by_rank0(setup, tmp_path):
     assert not _error_lines(err1) and "Traceback" not in err1, err1
     assert not out.exists()
 
+
+
+def test_token_conditioned_heads_ddp_and_fsdp_match_single_process(setup):
+    """Token-conditioned heads (n=4: head 4's attention gap in play) with the sequential loss:
+    DDP and FSDP2 on 2 ranks follow the single-process run (same global batch) within 1e-5.
+    (Gradient accumulation draws other rows than one big batch: tested in-process,
+    tests/test_conditioned.py.)"""
+    root, overrides = setup
+    tc = [o for o in overrides if not o.startswith(("--model.n_future", "--model.n_layers"))]
+    tc += ["--model.head_type=token_conditioned", "--model.n_future=4", "--model.n_layers=5",
+           "--loss.method=sequential"]
+    ref = root / "tc-single"
+    _run([sys.executable, "-m", "multitoken", *_train_args(ref, tc)])
+    for strategy in ("ddp", "fsdp"):
+        out = root / f"tc-{strategy}"
+        _torchrun(2, _train_args(out, tc, f"--parallel.strategy={strategy}"))
+        _assert_same_run(ref, out)
