@@ -34,6 +34,20 @@ def test_train_memory_main_ends_with_json(capsys):
     assert 0 <= res["max_grad_diff"] < 1e-5
 
 
+def test_train_memory_compares_head_types_side_by_side(capsys):
+    argv = TINY_MEMORY + ["--variants", "ntp,sequential", "--head-types",
+                          "transformer,token_conditioned"]
+    assert train_memory.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sequential (token_conditioned)" in out
+    res = json.loads(out.strip().splitlines()[-1])
+    tc = res["token_conditioned"]
+    assert set(tc) == {"sequential_mib", "max_grad_diff"}
+    assert tc["sequential_mib"] > 0 and 0 <= tc["max_grad_diff"] < 1e-5
+    with pytest.raises(ConfigError, match="--head-types"):
+        train_memory.main(TINY_MEMORY + ["--head-types", "token_conditioned"])
+
+
 @pytest.mark.slow
 def test_train_memory_sweep_writes_plot(capsys, tmp_path):
     png = tmp_path / "fig" / "mem.png"

@@ -21,6 +21,10 @@ Parameter matching (as in the paper) means the same total number of layers: with
 ntp has a 3-layer trunk + 1 head layer while n=4 has a 0-layer trunk + 4 head layers. The trunk's
 activations therefore differ between ntp and the n=4 variants; that is inherent to the matching.
 
+`--head-types transformer,token_conditioned` also measures the n-head variants with the other
+head types at the same shape (rows "sequential (token_conditioned)", ...; JSON key per type),
+e.g. to show that a chain of heads keeps the memory-efficient schedule's peak.
+
 Also reported: `max_grad_diff`, the largest absolute difference between the gradients of the
 sequential / chunked methods and those of the naive one, relative to the largest naive gradient
 magnitude (fp32, measured at `--grad-tokens` tokens in its own process).
@@ -29,9 +33,11 @@ magnitude (fp32, measured at `--grad-tokens` tokens in its own process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +60,14 @@ from multitoken.devices import resolve_device
 from multitoken.errors import ConfigError
 from multitoken.loss import IGNORE_INDEX, mtp_loss
 from multitoken.model import MultiTokenModel
+from multitoken.train import autocast_factory
 
 VARIANTS = ("ntp", "naive", "sequential", "chunked")  # the ones in the JSON line
 ALL_VARIANTS = (*VARIANTS, "ntp_mtp_loss")
 SWEEP_N = (2, 4, 8)
 LOSS_METHOD = {"ntp_mtp_loss": "naive"}  # the mtp_loss method of a variant not named after one
 TARGETS = {"sequential": 1.10, "chunked": 0.5}  # peak <= factor x ntp's peak (issue 2)
+LAYER_HEAD_TYPES = ("transformer", "causal", "token_conditioned")  # one layer per head
 
 
 class BenchError(Exception):
@@ -94,9 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=pos, default=2, help="torch CPU threads (default 2)")
     cliargs.add_device_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="autocast dtype of the measured steps on CUDA, as train.dtype (default "
+                        "float32; ignored on the CPU; the gradient check stays fp32)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if a target (sequential <= 1.10 x ntp, chunked <= 0.5 x ntp, "
                         "max_grad_diff <= 1e-5) is missed")
+    p.add_argument("--head-types", default="transformer",
+                   help="comma-separated head types whose n-head variants are measured side by "
+                   "side, e.g. transformer,token_conditioned (default transformer)")
+    p.add_argument("--head-type", default="transformer", help=argparse.SUPPRESS)  # worker's
     p.add_argument("--worker", default=None, choices=(*ALL_VARIANTS, "graddiff"),
                    help=argparse.SUPPRESS)  # internal: one measurement
     return p
@@ -119,7 +134,7 @@ def _config(args: argparse.Namespace, n_future: int, layers: int, seq: int) -> M
     """ModelConfig rejects invalid shapes (e.g. --dim not divisible by --n-heads): ConfigError."""
     return ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=layers,
                        n_heads=args.n_heads, max_seq_len=max(seq, 2), n_future=n_future,
-                       head_type="transformer")
+                       head_type="transformer" if n_future == 1 else args.head_type)
 
 
 def _model(args: argparse.Namespace, n_future: int, layers: int, seq: int,
@@ -137,7 +152,8 @@ def _batch(args: argparse.Namespace, batch: int, seq: int,
 
 
 def train_step(model: MultiTokenModel, variant: str, idx: torch.Tensor,
-               targets: torch.Tensor, meter: PeakMemory | None = None) -> float | None:
+               targets: torch.Tensor, meter: PeakMemory | None = None,
+               autocast: Callable[[], Any] = contextlib.nullcontext) -> float | None:
     """Forward + backward of one step; gradients accumulate into the parameters' `.grad`.
 
     Returns the memory still held after the forward (the graph), for the one-backward variants
@@ -151,14 +167,15 @@ def train_step(model: MultiTokenModel, variant: str, idx: torch.Tensor,
 
     if variant == "ntp":
         # The textbook step: logits of the single head, cross-entropy, backward.
-        h = model.hidden(idx)[0]
-        loss = F.cross_entropy(model.unembed(h).flatten(0, 1), targets.flatten(),
-                               ignore_index=IGNORE_INDEX)
+        with autocast():
+            h = model.hidden(idx)[0]
+            loss = F.cross_entropy(model.unembed(h).flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX)
         measure()
         loss.backward()
     else:  # mtp_loss runs its own backward (one, or one per head)
         mtp_loss(model, idx, targets, backward=True, method=LOSS_METHOD.get(variant, variant),
-                 after_forward=measure)
+                 after_forward=measure, autocast=autocast)
     return held[0] if held else None
 
 
@@ -172,20 +189,23 @@ def run_memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     idx, targets = _batch(args, batch, seq, device)
-    train_step(model, variant, idx[:1, : min(seq, 16)], targets[:1, : min(seq, 16)])  # warm-up
+    autocast = autocast_factory(device, args.dtype)
+    train_step(model, variant, idx[:1, : min(seq, 16)], targets[:1, : min(seq, 16)],
+               autocast=autocast)  # warm-up
     for p in model.parameters():
         p.grad.zero_()
     gc.collect()
     meter = PeakMemory(device)
     meter.start()
     with Timer(device) as t:
-        held = train_step(model, variant, idx, targets, meter)
+        held = train_step(model, variant, idx, targets, meter, autocast)
     peak = meter.peak_mib()
     finite = all(torch.isfinite(p.grad).all().item() for p in model.parameters())
     return {"variant": variant, "n_future": n_future, "layers": args.layers,
             "trunk_layers": model.cfg.n_trunk_layers, "tokens": batch * seq, "batch": batch,
             "seq": seq, "peak_mib": peak, "held_after_forward_mib": held,
             "baseline_mib": meter.baseline_mib, "step_s": t.seconds, "method": meter.method,
+            "dtype": args.dtype,
             "grads_finite": finite}
 
 
@@ -213,13 +233,15 @@ def run_graddiff_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _spawn(args: argparse.Namespace, worker: str, *, n_future: int, layers: int,
-           tokens: int) -> dict[str, Any]:
+           tokens: int, head_type: str = "transformer") -> dict[str, Any]:
     cmd = [sys.executable, "-m", "multitoken.bench.train_memory", "--worker", worker,
+           "--head-type", head_type,
            "--vocab", str(args.vocab), "--dim", str(args.dim), "--layers", str(layers),
            "--n-heads", str(args.n_heads), "--tokens", str(tokens), "--seq-len", str(args.seq_len),
            "--n-future", str(n_future), "--threads", str(args.threads), "--device", args.device,
-           "--seed", str(args.seed)]
-    print(f"  measuring {worker} (n_future={n_future}, layers={layers}, tokens={tokens}) ...",
+           "--seed", str(args.seed), "--dtype", args.dtype]
+    print(f"  measuring {worker} (n_future={n_future}, {head_type} heads, layers={layers}, "
+          f"tokens={tokens}) ...",
           file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env())
     if proc.returncode != 0:
@@ -271,6 +293,11 @@ def _run(args: argparse.Namespace) -> int:
                           f"choose from {','.join(ALL_VARIANTS)}")
     if args.layers < args.n_future:
         raise ConfigError(f"--layers ({args.layers}) must be >= --n-future ({args.n_future})")
+    head_types = [h.strip() for h in args.head_types.split(",") if h.strip()]
+    bad = [h for h in head_types if h not in LAYER_HEAD_TYPES]
+    if bad or not head_types or head_types[0] != "transformer":
+        raise ConfigError(f"--head-types: transformer first, then any of "
+                          f"{', '.join(LAYER_HEAD_TYPES[1:])}; got {args.head_types!r}")
     batch, seq = _shape(args.tokens, args.seq_len)
     _shape(args.grad_tokens or args.tokens, args.seq_len)
     for n in {1, args.n_future, *(SWEEP_N if args.sweep else ())}:
@@ -285,6 +312,14 @@ def _run(args: argparse.Namespace) -> int:
                         layers=args.layers, tokens=args.tokens)
     grad_tokens = args.grad_tokens or args.tokens
     gd = _spawn(args, "graddiff", n_future=args.n_future, layers=args.layers, tokens=grad_tokens)
+    # Other head types at the same shape: their n-head variants and gradient check.
+    other: dict[str, dict[str, dict[str, Any]]] = {}
+    for ht in head_types[1:]:
+        other[ht] = {v: _spawn(args, v, n_future=args.n_future, layers=args.layers,
+                               tokens=args.tokens, head_type=ht)
+                     for v in variants if not v.startswith("ntp")}
+        other[ht]["graddiff"] = _spawn(args, "graddiff", n_future=args.n_future,
+                                       layers=args.layers, tokens=grad_tokens, head_type=ht)
 
     ntp = res.get("ntp", {}).get("peak_mib")
     logits_mib = args.tokens * args.vocab * 4 / MIB
@@ -294,6 +329,14 @@ def _run(args: argparse.Namespace) -> int:
         rows.append([v, r["n_future"], f"{r['trunk_layers']}+{r['layers'] - r['trunk_layers']}",
                      r["peak_mib"], r["peak_mib"] / ntp if ntp else "-",
                      held if held is not None else "-", r["step_s"]])
+    for ht, rs in other.items():
+        for v, r in rs.items():
+            if v != "graddiff":
+                held = r["held_after_forward_mib"]
+                rows.append([f"{v} ({ht})", r["n_future"],
+                             f"{r['trunk_layers']}+{r['layers'] - r['trunk_layers']}",
+                             r["peak_mib"], r["peak_mib"] / ntp if ntp else "-",
+                             held if held is not None else "-", r["step_s"]])
     print(format_table(["variant", "n_future", "trunk+head layers", "peak MiB", "x ntp",
                         "held after fwd MiB", "step s"], rows))
     print(f"(one fp32 [{args.tokens}, {args.vocab}] logits tensor = {logits_mib:,.1f} MiB; "
@@ -302,7 +345,15 @@ def _run(args: argparse.Namespace) -> int:
           f"{gd['max_abs_grad']:.3g}): sequential {gd['sequential']:.3g}, "
           f"chunked {gd['chunked']:.3g}")
 
-    ok = gd["max_grad_diff"] <= 1e-5
+    for ht, rs in other.items():
+        g = rs["graddiff"]
+        print(f"max_grad_diff, {ht} heads: sequential {g['sequential']:.3g}, chunked "
+              f"{g['chunked']:.3g}; peak vs transformer heads: " + ", ".join(
+                  f"{v} {rs[v]['peak_mib'] / res[v]['peak_mib']:.3f} x" for v in rs
+                  if v != "graddiff" and v in res))
+
+    ok = max([gd["max_grad_diff"], *(rs["graddiff"]["max_grad_diff"]
+                                      for rs in other.values())]) <= 1e-5
     if ntp:
         for v, factor in TARGETS.items():
             if v in res:
@@ -319,6 +370,9 @@ def _run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {f"{v}_mib": round(res[v]["peak_mib"], 1) if v in res else None
                               for v in VARIANTS}
     result["max_grad_diff"] = gd["max_grad_diff"]
+    for ht, rs in other.items():
+        result[ht] = {**{f"{v}_mib": round(r["peak_mib"], 1) for v, r in rs.items()
+                         if v != "graddiff"}, "max_grad_diff": rs["graddiff"]["max_grad_diff"]}
 
     if args.sweep:
         sweep: dict[str, Any] = {"n_future": list(SWEEP_N), "layers": [], "naive": [],
