@@ -105,7 +105,7 @@ SMALL = dict(sequences=48, prompt_len=8, new_tokens=40, gen_batch=16, eval_seque
              steps=80, batch_size=8, lr=1e-2, warmup_steps=5)
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "causal", "linear"])
+@pytest.mark.parametrize("head_type", ["transformer", "causal", "linear", "token_conditioned"])
 def test_distill_raises_agreement_and_keeps_head_1(head_type):
     # A random model: its drafts agree with head 1 by chance only, so distillation has
     # everything to gain; its greedy continuations are a deterministic function to learn.
@@ -132,10 +132,10 @@ def test_distill_raises_agreement_and_keeps_head_1(head_type):
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def sharp_random_model(seed: int = 1):
+def sharp_random_model(seed: int = 1, head_type: str = "transformer"):
     """A random model whose head 1 is confident (scaled unembedding), so that its distribution
     at T=0.8 / top-p 0.9 keeps a few tokens, not most of the vocabulary."""
-    model = random_model("transformer", seed=seed, max_seq_len=64)
+    model = random_model(head_type, seed=seed, max_seq_len=64)
     with torch.no_grad():
         model.output.weight.mul_(10.0)
     return model
@@ -144,8 +144,9 @@ def sharp_random_model(seed: int = 1):
 SAMPLED = dict(temperature=0.8, top_p=0.9)
 
 
-def test_sampled_distillation_raises_expected_acceptance_and_keeps_head_1():
-    original = sharp_random_model()
+@pytest.mark.parametrize("head_type", ["transformer", "token_conditioned"])
+def test_sampled_distillation_raises_expected_acceptance_and_keeps_head_1(head_type):
+    original = sharp_random_model(head_type=head_type)
     s = Sampling(**SAMPLED)
     held = continuations(original, prompts_from(pattern_tokens(2000, vocab=37, seed=5), 16, 8),
                          40, 16, s, torch.Generator().manual_seed(7))

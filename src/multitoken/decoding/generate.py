@@ -247,7 +247,7 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
             if not t.is_chain:
                 raise MultitokenError("trees are not built for token_conditioned heads yet: use "
                                       "speculative='chain' (or a chain-shaped tree)")
-            k = t.depth
+            k, stats.tree_size = t.depth, t.size
         decoder = ConditionedDecoder(model, k, sampling, generator)
         stats.num_drafts = k
     else:
