@@ -36,7 +36,6 @@ from multitoken.config import ModelConfig
 from multitoken.errors import ConfigError
 from multitoken.model import MultiTokenModel
 
-
 HEAD_TYPES = ("transformer", "token_conditioned")
 
 
