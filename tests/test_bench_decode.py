@@ -17,6 +17,8 @@ from multitoken.bench import hf_baselines
 from multitoken.bench.common import distinct_ngram_ratio
 from multitoken.checkpoint import load_checkpoint, save_checkpoint
 from multitoken.cli import main
+from multitoken.config import DataConfig, from_dict
+from multitoken.data import split_corpus
 from multitoken.decoding.calibrate import validation_tokens
 from multitoken.decoding.generate import generate
 from multitoken.tokenizer import ByteTokenizer
@@ -231,3 +233,32 @@ def test_baselines_refuse_a_model_without_a_transformer_head_1(tmp_path, capsys)
 def test_baselines_need_a_greedy_setting(ck, capsys):
     line = _one_error_line(capsys, _argv(ck, "--baselines", "--sampling", "0.8:0.95"))
     assert "greedy" in line
+
+
+def test_prompts_from_unseen_files_and_training_files_refused(ck, capsys, tmp_path):
+    unseen = tmp_path / "unseen"
+    unseen.mkdir()
+    (unseen / "a.py").write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n"
+                                         for i in range(40)))
+    res, out = _bench(capsys, "--checkpoint", str(ck), *TINY, "--no-tree", "--prompt-files",
+                      str(unseen))
+    assert res["prompt_source"] == f"unseen text ({unseen})"
+    assert f"from unseen text ({unseen})" in out
+    # a file the run trained on is refused, with one error line
+    run = json.loads((ck / "config.json").read_text())["run"]
+    trained = split_corpus(from_dict(DataConfig, run["data"])).train[0]
+    line = _one_error_line(capsys, _argv(ck, "--prompt-files", str(trained)))
+    assert "training split" in line
+
+
+def test_token_conditioned_model_runs_chains_only(tmp_path, capsys):
+    ck = make_checkpoint(tmp_path)
+    model = random_model("token_conditioned", vocab_size=260, max_seq_len=128)
+    save_checkpoint(tmp_path / "tc", model, ByteTokenizer(),
+                    run_config=json.loads((ck / "config.json").read_text())["run"], step=1)
+    res, out = _bench(capsys, "--checkpoint", str(tmp_path / "tc"), *TINY,
+                      "--sampling", "greedy,0.8:0.95")
+    assert "chains only" in out
+    for run in res["runs"]:
+        assert set(run["modes"]) == {"plain", "chain-1", "chain-2", "chain-3"}
+    assert res["exact"] is True  # greedy chains token for token

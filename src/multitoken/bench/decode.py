@@ -65,6 +65,7 @@ from multitoken.decoding.calibrate import (
     prompts_from,
     setting_calibration,
     time_forwards,
+    unseen_tokens,
     validation_tokens,
 )
 from multitoken.decoding.generate import generate
@@ -123,14 +124,15 @@ def settings_from(args: argparse.Namespace) -> list[Setting]:
 # Prompts and their real continuations.
 
 
-def prompts_and_continuations(tokens: Any, n: int, prompt_len: int,
-                              new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+def prompts_and_continuations(tokens: Any, n: int, prompt_len: int, new_tokens: int,
+                              source: str = "the validation split",
+                              ) -> tuple[list[list[int]], list[list[int]]]:
     """n prompts of prompt_len tokens, evenly spaced through `tokens`, and the new_tokens
     tokens that follow each one there (its real continuation)."""
     size = len(tokens)
     if size < prompt_len + new_tokens + 1:
         raise MultitokenError(
-            f"the validation split has {size} tokens: too few for prompts of {prompt_len} "
+            f"{source} has {size} tokens: too few for prompts of {prompt_len} "
             f"tokens followed by {new_tokens} (lower --prompt-len or --new-tokens)")
     windows = prompts_from(tokens, n, prompt_len + new_tokens)
     return [w[:prompt_len] for w in windows], [w[prompt_len:] for w in windows]
@@ -347,6 +349,11 @@ def build_parser() -> cliargs.ArgumentParser:
                                description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint (or run) directory; prompts come from its validation split")
+    p.add_argument("--prompt-files", nargs="+", default=None, metavar="PATH",
+                   help="take prompts (and their real continuations) from these files, folders "
+                   "or globs instead of the validation split: text in no training data, e.g. "
+                   "the standard library's test/ folder (refused if a file is in the run's "
+                   "training split)")
     p.add_argument("--prompts", type=cliargs.positive_int, default=32,
                    help="held-out prompts decoded by every mode (default 32)")
     p.add_argument("--prompt-len", type=cliargs.positive_int, default=128,
@@ -440,13 +447,20 @@ def main(argv: list[str]) -> int:
     if (prompt_len, new_tokens) != (args.prompt_len, args.new_tokens):
         print(f"note: context {max_len}: using prompt-len {prompt_len}, new-tokens {new_tokens}")
 
+    if model.conditioned and not args.no_tree:
+        print("note: token_conditioned heads decode chains only: no tree mode")
+        args.no_tree = True
     dtype = model.tok_embeddings.weight.dtype
     calib = None if args.no_tree else load_calibration(args.checkpoint, dtype)
     if not args.no_tree and calib is None:
         print("note: no calibration.json (run `multitoken calibrate`): using the default tree")
     trees = {s: _tree_for(args, n, calib, s.sampling) for s in settings}  # (tree, source)
-    prompts, continuations = prompts_and_continuations(
-        validation_tokens(args.checkpoint, tokenizer), args.prompts, prompt_len, new_tokens)
+    text_source = ("the validation split" if args.prompt_files is None
+                   else f"unseen text ({' '.join(args.prompt_files)})")
+    tokens = (validation_tokens(args.checkpoint, tokenizer) if args.prompt_files is None
+              else unseen_tokens(args.checkpoint, tokenizer, args.prompt_files))
+    prompts, continuations = prompts_and_continuations(tokens, args.prompts, prompt_len,
+                                                       new_tokens, text_source)
     reference = distinct_ngram_ratio(continuations, NGRAM)
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     modes: dict[str, dict[str, Any]] = {"plain": {"speculative": "off"}}
@@ -460,7 +474,7 @@ def main(argv: list[str]) -> int:
           f"modes: {', '.join(modes)} (interleaved); settings: "
           f"{', '.join(s.label for s in settings)}", flush=True)
     print(f"reference: distinct-{NGRAM} of the prompts' real continuations ({new_tokens} tokens "
-          f"of the validation text after each): {_d8(reference)}", flush=True)
+          f"after each, from {text_source}): {_d8(reference)}", flush=True)
     runs: list[dict[str, Any]] = []
     lookup = args.prompt_lookup_tokens
     for setting in settings:
@@ -508,7 +522,8 @@ def main(argv: list[str]) -> int:
         print(f"wrote {args.out_png}")
     measured = [r["exact"] for r in runs if r["exact"] is not None]
     sys.stdout.flush()
-    print_json({"batch_size": args.batch_size, "prompts": len(prompts), "prompt_len": prompt_len,
+    print_json({"batch_size": args.batch_size, "prompts": len(prompts), "prompt_source": text_source,
+                "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "dtype": dtype_name(dtype),
                 "reference": {"distinct_8": reference},
                 "exact": all(measured) if measured else None, "runs": runs,

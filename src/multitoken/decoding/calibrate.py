@@ -48,6 +48,7 @@ measured speedups ("verified"); without verification "chosen_by" is "model".
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -62,7 +63,7 @@ from torch import Tensor
 
 from multitoken.checkpoint import dtype_name, find_checkpoint, read_config
 from multitoken.config import DataConfig, from_dict
-from multitoken.data import prepare_data, prompts_from
+from multitoken.data import prepare_data, prompts_from, resolve_files, split_corpus, tokenize_files
 from multitoken.decoding.conditioned import conditioned_drafts
 from multitoken.decoding.engine import Engine
 from multitoken.decoding.generate import generate
@@ -102,7 +103,7 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
     # Token-conditioned draft heads run outside the engine (decoding.conditioned).
     engines = {h: Engine(model, 1 if model.conditioned else h) for _, h in shapes}
     cache = model.new_cache(batch_size, context + max(m for m, _ in shapes))
-    draft_cache = model.new_draft_cache(batch_size, context + 2 * max(m for m, _ in shapes) + 2)
+    draft_cache = model.new_draft_cache(batch_size, context + 2 * max(h for _, h in shapes) + 2)
     gen = torch.Generator(device="cpu").manual_seed(0)
     draws = torch.Generator(device=device).manual_seed(0)
     times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
@@ -463,6 +464,23 @@ def data_splits(checkpoint: str | Path, tokenizer: Any) -> Any:
 def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
     """The held-out split the checkpoint's run never trained on, tokenized as it was."""
     return data_splits(checkpoint, tokenizer).val
+
+
+def unseen_tokens(checkpoint: str | Path, tokenizer: Any, paths: list[str]) -> np.ndarray:
+    """The tokens of `paths` (files, folders, globs), refused if any file is in the checkpoint
+    run's training split (e.g. the standard library's test/ folder, which the default corpus
+    leaves out, or this repository's own source)."""
+    files = resolve_files(paths)
+    if not files:
+        raise MultitokenError(f"no files in {' '.join(paths)}")
+    meta = read_config(checkpoint)
+    dcfg = from_dict(DataConfig, (meta.get("run") or meta).get("data", {}), prefix="data.")
+    trained = {os.path.realpath(f) for f in split_corpus(dcfg).train}
+    seen = [f for f in files if os.path.realpath(f) in trained]
+    if seen:
+        raise MultitokenError(f"{seen[0]} (and {len(seen) - 1} more) is in the training split "
+                              f"of {checkpoint}: choose text the model never trained on")
+    return tokenize_files(files, tokenizer, dcfg.cache_dir)
 
 
 def save_calibration(checkpoint: str | Path, cal: dict[str, Any]) -> Path:

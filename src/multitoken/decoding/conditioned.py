@@ -121,14 +121,16 @@ def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache,
 def conditioned_drafts(model: MultiTokenModel, engine: Engine, cache: KVCache, h0: Tensor,
                        idx: Tensor, pos: Tensor, k: int, sampling: Sampling,
                        generator: torch.Generator | None) -> Drafts:
-    """A chain step's draft-head work after a forward over idx [B, k+1] at positions
-    pos [B, k+1] (head 1's outputs h0 [B, k+1, D]) that accepted every draft: for timing
-    (`calibrate.time_forwards`); `cache` is a draft cache with room past pos + k + 1."""
-    B = idx.shape[0]
+    """The draft-head work of a chain-k step that accepted every draft, after a forward over
+    idx [B, m] at positions pos [B, m] (head 1's outputs h0 [B, m, D]); for timing
+    (`calibrate.time_forwards`). A chain step has m = k + 1; for other m the k + 1 columns
+    repeat the last ones. `cache`: a draft cache with room past pos + 2k + 2."""
+    B, m = idx.shape
+    cols = torch.arange(k + 1, device=idx.device).clamp(max=m - 1)
     carry = [h0.new_zeros(B, h0.shape[-1]) for _ in range(k - 1)]
     full = torch.full((B,), k, device=idx.device)
-    return refresh_and_draft(model, engine, cache, carry, h0, idx, pos[:, 0], full, sampling,
-                             generator)[0]
+    return refresh_and_draft(model, engine, cache, carry, h0[:, cols], idx[:, cols],
+                             pos[:, 0], full, sampling, generator)[0]
 
 
 class ConditionedDecoder:
