@@ -251,14 +251,14 @@ def test_prompts_from_unseen_files_and_training_files_refused(ck, capsys, tmp_pa
     assert "training split" in line
 
 
-def test_token_conditioned_model_runs_chains_only(tmp_path, capsys):
+def test_token_conditioned_model_runs_chains_and_trees(tmp_path, capsys):
     ck = make_checkpoint(tmp_path)
     model = random_model("token_conditioned", vocab_size=260, max_seq_len=128)
     save_checkpoint(tmp_path / "tc", model, ByteTokenizer(),
                     run_config=json.loads((ck / "config.json").read_text())["run"], step=1)
-    res, out = _bench(capsys, "--checkpoint", str(tmp_path / "tc"), *TINY,
-                      "--sampling", "greedy,0.8:0.95")
-    assert "chains only" in out
+    res, _ = _bench(capsys, "--checkpoint", str(tmp_path / "tc"), *TINY,
+                    "--sampling", "greedy,0.8:0.95")
     for run in res["runs"]:
-        assert set(run["modes"]) == {"plain", "chain-1", "chain-2", "chain-3"}
-    assert res["exact"] is True  # greedy chains token for token
+        assert set(run["modes"]) == {"plain", "chain-1", "chain-2", "chain-3", "tree"}
+        assert run["tree"]["size"] > run["tree"]["depth"]  # the default tree branches
+    assert res["exact"] is True  # greedy chains and tree token for token

@@ -178,23 +178,25 @@ def test_cli_writes_the_verification(tmp_path, capsys):
     assert cli_main(["calibrate", "--checkpoint", str(ck), "--verify-prompts", "-1"]) == 2
 
 
-def test_token_conditioned_calibration_chooses_among_chains_by_decoding():
-    """Token-conditioned heads decode chains only: calibrate times their real draft chain,
-    measures chain reach under sampling, verifies chains by decoding (a chain candidate decodes
-    as that chain) and stores a chain; nothing is monkeypatched."""
+def test_token_conditioned_calibration_verifies_chains_and_trees_by_decoding():
+    """Token-conditioned heads: calibrate times their real draft work, measures reach under
+    sampling over the measurement tree (each node's children from the module run on it),
+    verifies chains and trees by decoding and stores the fastest; nothing is monkeypatched."""
     model = trained_model("token_conditioned")
     cal = calibrate(model, pattern_tokens(3000, seed=3), n_prompts=4, prompt_len=16,
                     gen_len=40, max_nodes=12, reps=2, sampling=[S], verify_prompts=2,
                     verify_tokens=24, batch_sizes=(1, 2))
+    trees: set[str] = set()
     for part in (cal, cal["sampling"][S.label]):
-        assert part["best_mode"] in ("chain", "off")
-        assert Tree(part["tree"]).is_chain
+        assert part["best_mode"] in ("chain", "tree", "off")
         for c in part["by_batch_size"].values():
-            assert c["expected_speedup"]["tree"] == {}
-            assert set(c["verified"]["candidates"]) == {"chain-1", "chain-2", "chain-3"}
+            assert c["expected_speedup"]["tree"]
+            names = set(c["verified"]["candidates"])
+            assert {"chain-1", "chain-2", "chain-3"} <= names
+            trees.update(n for n in names if n.startswith("tree-"))
             assert all(x["measured_speedup"] > 0 for x in c["verified"]["candidates"].values())
         assert set(part["forward_cost"]["1"]["chain_ms"]) == {"1", "2", "3"}
-    # greedy chain acceptance from teacher-forced ranks, sampled from decoding a chain of 3
+    assert trees, "some branching tree was decoded (a chain-shaped best tree is a chain)"
     assert len(cal["acceptance"]["chain"]) == 3 and cal["acceptance"]["chain"][0] > 0.5
     reach = cal["sampling"][S.label]["reach"]
-    assert set(reach) == {"0", "0,0", "0,0,0"} and 1 >= reach["0"] >= reach["0,0,0"] > 0
+    assert 1 >= reach["0"] >= reach["0,0"] >= reach["0,0,0"] > 0 and reach["1"] > 0

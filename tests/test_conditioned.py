@@ -13,7 +13,7 @@ from multitoken.config import ModelConfig
 from multitoken.decoding.conditioned import ConditionedDecoder
 from multitoken.decoding.generate import generate
 from multitoken.decoding.sampling import Sampling, process_logits
-from multitoken.errors import MultitokenError
+from multitoken.decoding.tree import Tree
 from multitoken.loss import IGNORE_INDEX, mtp_loss
 from multitoken.model import MultiTokenModel, TokenConditionedHead
 from test_generate import PROMPTS, chi_square_pvalue, exact_joint, sample_many
@@ -27,6 +27,15 @@ def tc_model(n_future: int = 5, seed: int = 0, **kw) -> MultiTokenModel:
     cfg.update(kw)
     torch.manual_seed(seed)
     return MultiTokenModel(ModelConfig(**cfg)).eval()
+
+
+def sharp_tc_model() -> MultiTokenModel:
+    """A random model whose distributions are not near-uniform (scaled unembedding), so that
+    sampled drafts are rejected at every depth now and then."""
+    model = tc_model(n_future=5)
+    with torch.no_grad():
+        model.output.weight.mul_(4.0)
+    return model
 
 
 def test_structure_and_parameter_count():
@@ -107,42 +116,50 @@ def test_model_refuses_cached_draft_heads():
 # Decoding: the drafter's cache against a full recomputation.
 
 
-def _drive(model: MultiTokenModel, prompts: list[list[int]], k: int, s: Sampling, steps: int):
+def _drive(model: MultiTokenModel, prompts: list[list[int]], tree: Tree, s: Sampling,
+           steps: int):
     """Run ConditionedDecoder by hand (no row ever finishes) and, after the prefill and after
-    every step, compare each row's drafts with the full uncached forward over (accepted tokens,
-    root, drafts 1..k-1): head j's distribution at the draft position q must be q_j (sampling)
-    or its logits' argmax the draft (greedy). Returns the numbers of drafts accepted."""
+    every step, compare each row's drafts with the full uncached forward: for every tree node v
+    with children (depth d), head d+2's distribution at the draft position q over (accepted
+    tokens, root, v's path) must be v's q (sampling), or v's child of rank r its r-th token
+    (greedy). Returns the numbers of drafts accepted."""
     g = torch.Generator().manual_seed(0)
-    dec = ConditionedDecoder(model, k, s, g)
-    B, T = len(prompts), max(map(len, prompts))
+    dec = ConditionedDecoder(model, tree, s, g)
+    t = tree.tensors(torch.device("cpu"))
+    B, T, k = len(prompts), max(map(len, prompts)), tree.depth
     seqs = [list(p) for p in prompts]
     accepted = []
     with torch.inference_mode():
         idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
-        cache = dec.engine.new_cache(B, T + steps * (k + 1) + k + 2)
+        cache = dec.engine.new_cache(B, T + steps * (k + 1) + tree.size + 2)
         last = torch.tensor([len(p) - 1 for p in prompts])
-        for b, t in enumerate(dec.start(cache, idx, last).tolist()):
-            seqs[b].append(t)
+        for b, tok in enumerate(dec.start(cache, idx, last).tolist()):
+            seqs[b].append(tok)
         for step in range(steps + 1):
             for b in range(B):
                 q = len(seqs[b]) - 2  # the root is the last token, at q + 1
                 assert int(dec.q[b]) == q
-                drafts = dec.drafts.tokens[b].tolist()
-                full = torch.tensor([seqs[b] + drafts[:-1]])
-                logits = model(full)[:, 0, q]  # [n, V]
-                for j in range(1, k + 1):
+                nodes = [None, *dec.drafts.tokens[b].tolist()]  # node 0: the root
+                for grp, v in enumerate(t["group_node"].tolist()):
+                    path = [nodes[j] for j in t["path_nodes"][v, :t["depth"][v]].tolist()]
+                    logits = model(torch.tensor([seqs[b] + path]))[len(path) + 1, 0, q]
                     if s.greedy:
-                        top = logits[j].topk(2)
-                        if top.values[0] - top.values[1] > 1e-4:  # not a near-tie
-                            assert drafts[j - 1] == int(top.indices[0]), (step, b, j)
+                        for c in t["group_children"][grp].tolist():
+                            if c < 0:
+                                continue
+                            r = tree.paths[c - 1][-1]
+                            top = logits.topk(r + 2)
+                            if top.values[r] - top.values[r + 1] > 1e-4 and (
+                                    r == 0 or top.values[r - 1] - top.values[r] > 1e-4):
+                                assert nodes[c] == int(top.indices[r]), (step, b, c)
                     else:
-                        want = process_logits(logits[j][None].float(), s)[0]
-                        torch.testing.assert_close(dec.drafts.q[b, j - 1], want, rtol=0,
+                        want = process_logits(logits[None].float(), s)[0]
+                        torch.testing.assert_close(dec.drafts.q[b, grp], want, rtol=0,
                                                    atol=2e-5)
             if step == steps:
                 break
             pos = torch.tensor([len(sq) - 1 for sq in seqs])
-            out = dec.step(cache, pos, int(pos.max()) + k + 1)
+            out = dec.step(cache, pos, int(pos.max()) + tree.size + 1)
             for b in range(B):
                 n = int(out.n[b])
                 accepted.append(n)
@@ -152,10 +169,23 @@ def _drive(model: MultiTokenModel, prompts: list[list[int]], k: int, s: Sampling
 
 @pytest.mark.parametrize("s", [Sampling(0.0), Sampling(1.0)], ids=["greedy", "sampled"])
 def test_draft_cache_equals_full_recomputation(s):
-    model = trained_model(TC, n_future=5) if s.greedy else tc_model(n_future=5)
+    model = trained_model(TC, n_future=5) if s.greedy else sharp_tc_model()
     # ragged prompts, one shorter than the chain (heads with no exact entry yet)
-    accepted = _drive(model, [[1, 2, 3, 4, 5, 6], [7, 8], [3]], 4, s, steps=8)
+    accepted = _drive(model, [[1, 2, 3, 4, 5, 6], [7, 8], [3]], Tree.chain(4), s, steps=8)
     assert len(set(accepted)) >= 3  # rows accept different numbers of drafts
+
+
+TREE = Tree([(0, 0, 0), (0, 1), (1, 0), (1, 1, 0), (2,), (0, 0, 1)])
+
+
+@pytest.mark.parametrize("s", [Sampling(0.0), Sampling(1.0)], ids=["greedy", "sampled"])
+def test_tree_draft_cache_equals_full_recomputation(s):
+    """Trees: each node's children come from the module run on that node's token (siblings'
+    subtrees differ), the query columns' scratch slots disturb nothing, and the accepted path
+    (not in place for some nodes) refreshes the exact entries as a chain does."""
+    model = trained_model(TC, n_future=5) if s.greedy else sharp_tc_model()
+    accepted = _drive(model, [[1, 2, 3, 4, 5, 6], [7, 8], [3]], TREE, s, steps=8)
+    assert len(set(accepted)) >= 2
 
 
 def test_chain_greedy_equals_plain():
@@ -194,12 +224,31 @@ def test_chain_sampling_matches_exact_distribution(s):
     assert 0.2 < stats.acceptance[0] < 0.98
 
 
-def test_branching_trees_are_refused_and_chain_shaped_trees_are_chains():
+SMALL_TREE = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+
+
+def test_tree_greedy_equals_plain_batched_and_alone():
+    for model in (random_model(TC), trained_model(TC)):
+        plain = generate(model, PROMPTS, 30).tokens
+        res = generate(model, PROMPTS, 30, speculative="tree", tree=SMALL_TREE)
+        assert res.tokens == plain and res.stats.tree_size == 6
+        for p, ref in zip(PROMPTS, plain):
+            assert generate(model, p, 30, speculative="tree", tree=SMALL_TREE).tokens == [ref]
+    # a chain-shaped tree is that chain (calibrate's verification names chains as trees)
     m = random_model(TC)
-    with pytest.raises(MultitokenError, match="not built for token_conditioned"):
-        generate(m, [1, 2], 5, speculative="tree", tree=[(0,), (1,)])
-    # calibrate's verification names a chain as a tree: it decodes as that chain
     as_tree = generate(m, [1, 2, 3], 12, speculative="tree", tree=[(0,), (0, 0)])
     chain = generate(m, [1, 2, 3], 12, speculative="chain", num_drafts=2)
-    assert as_tree.tokens == chain.tokens == generate(m, [1, 2, 3], 12).tokens
-    assert as_tree.stats.num_drafts == chain.stats.num_drafts == 2
+    assert as_tree.tokens == chain.tokens and as_tree.stats.num_drafts == 2
+
+
+@pytest.mark.parametrize("s", [Sampling(1.5), Sampling(1.2, top_p=0.9)], ids=["temp", "top_p"])
+def test_tree_sampling_matches_exact_distribution(s):
+    """Recursive rejection sampling over each node's own q (children drawn without replacement
+    from the module run on that node's token): plain sampling's distribution."""
+    model = trained_model(TC)
+    prompt = [3, 5, 7, 9]
+    expected = exact_joint(model, prompt, 3, s)
+    samples, stats = sample_many(model, prompt, 3, s, mode="tree", tree=SMALL_TREE)
+    p, df = chi_square_pvalue(samples, expected)
+    assert p > 1e-3, (p, df)
+    assert stats.tokens_per_forward > 1.3

@@ -447,9 +447,6 @@ def main(argv: list[str]) -> int:
     if (prompt_len, new_tokens) != (args.prompt_len, args.new_tokens):
         print(f"note: context {max_len}: using prompt-len {prompt_len}, new-tokens {new_tokens}")
 
-    if model.conditioned and not args.no_tree:
-        print("note: token_conditioned heads decode chains only: no tree mode")
-        args.no_tree = True
     dtype = model.tok_embeddings.weight.dtype
     calib = None if args.no_tree else load_calibration(args.checkpoint, dtype)
     if not args.no_tree and calib is None:

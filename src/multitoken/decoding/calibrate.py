@@ -70,7 +70,7 @@ from multitoken.decoding.generate import generate
 from multitoken.decoding.reach import measure_reach, measurement_tree
 from multitoken.decoding.sampling import Sampling, draw_distinct, process_logits, sample
 from multitoken.decoding.tree import Path as TreePath
-from multitoken.decoding.tree import Tree, grow_tree
+from multitoken.decoding.tree import Tree, default_tree, grow_tree
 from multitoken.decoding.verify_choice import DecodeTimer, Verification, make_verification
 from multitoken.errors import MultitokenError
 from multitoken.model import MultiTokenModel, causal_context
@@ -91,8 +91,8 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
     2..h too), head 1's logits at all m, and the draft heads' logits at one position per
     sequence (none when h == 1); then argmaxes (greedy, the default) or, with a sampling
     setting, the processed distributions and a draw from each. Token-conditioned draft heads
-    instead run as a chain step runs them (`conditioned.draft_chain`: one call per head over
-    m + 1 columns, each drafting from the last). Shapes are timed round-robin so load drifts
+    instead run as a step runs them (`conditioned.refresh_and_draft`: one call per head, its
+    exact columns and the query columns of a tree of m - 1 nodes, or of a chain). Shapes are timed round-robin so load drifts
     hit all alike.
     """
     if reps < 1:
@@ -103,7 +103,8 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
     # Token-conditioned draft heads run outside the engine (decoding.conditioned).
     engines = {h: Engine(model, 1 if model.conditioned else h) for _, h in shapes}
     cache = model.new_cache(batch_size, context + max(m for m, _ in shapes))
-    draft_cache = model.new_draft_cache(batch_size, context + 2 * max(h for _, h in shapes) + 2)
+    draft_cache = model.new_draft_cache(
+        batch_size, context + 3 * max(h for _, h in shapes) + max(m for m, _ in shapes) + 2)
     gen = torch.Generator(device="cpu").manual_seed(0)
     draws = torch.Generator(device=device).manual_seed(0)
     times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
@@ -122,8 +123,10 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
         else:
             logits.argmax(-1)
         if h > 1 and model.conditioned:
-            conditioned_drafts(model, eng, draft_cache, fwd.h0, idx, pos, h - 1, sampled_with,
-                               draws)
+            # m - 1 nodes over h - 1 heads: a tree of that size (its query columns), else a chain
+            tree = Tree(default_tree(h - 1, size=m - 1)) if m > h else Tree.chain(h - 1)
+            conditioned_drafts(model, eng, draft_cache, fwd.h0, idx, pos, sampled_with, draws,
+                               tree)
         elif h > 1:
             sel = torch.full((batch_size,), m - 1, device=device)
             dl = eng.draft_logits(eng.draft_hidden(fwd, sel))
@@ -278,8 +281,7 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
     chain_e = {k: simulate_tokens_per_forward(ranks, [(0,) * d for d in range(1, k + 1)])
                for k in range(1, D + 1)}
     grown = grow_tree(prob, max_nodes, D, max_rank)  # candidates in order of P(accepted)
-    tree_e = {s: simulate_tokens_per_forward(ranks, grown[:s])
-              for s in tree_sizes(len(grown)) if not model.conditioned}  # chains only there
+    tree_e = {s: simulate_tokens_per_forward(ranks, grown[:s]) for s in tree_sizes(len(grown))}
     context = prompt_len + gen_len // 2
     verify = None if verify_prompts <= 0 else make_verification(
         model, val_tokens, verify_prompts, verify_tokens, prompt_len, n_prompts, batch_sizes,
@@ -377,8 +379,7 @@ def calibrate_setting(model: MultiTokenModel, prompts: list[list[int]], gen_len:
     `verify`, the choice checked by decoding (see `choose`)."""
     say = log or (lambda *_: None)
     D = model.n_future - 1
-    # Token-conditioned heads decode chains only: measure the chain of every head.
-    mtree = Tree.chain(D) if model.conditioned else Tree(measurement_tree(D))
+    mtree = Tree(measurement_tree(D))
     device = model.tok_embeddings.weight.device
     say(f"{sampling.label}: decoding {len(prompts)} held-out prompts x {gen_len} sampled tokens "
         f"over a measurement tree of {mtree.size} nodes")
@@ -387,8 +388,7 @@ def calibrate_setting(model: MultiTokenModel, prompts: list[list[int]], gen_len:
     prob = lambda p: reach.get(tuple(p), 0.0)  # noqa: E731
     chain_e = {k: 1.0 + sum(prob((0,) * d) for d in range(1, k + 1)) for k in range(1, D + 1)}
     grown = grow_tree(prob, max_nodes, D, mtree.max_rank)
-    tree_e = {s: 1.0 + sum(prob(p) for p in grown[:s])
-              for s in tree_sizes(len(grown)) if not model.conditioned}
+    tree_e = {s: 1.0 + sum(prob(p) for p in grown[:s]) for s in tree_sizes(len(grown))}
     choices, costs = choose(model, chain_e, tree_e, grown, batch_sizes, reps, context, sampling,
                             say, verify)
     first = choices[str(batch_sizes[0])]

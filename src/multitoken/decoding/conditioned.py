@@ -1,4 +1,4 @@
-"""Chain speculation with token-conditioned draft heads (DeepSeek-V3-style MTP modules).
+"""Chain and tree speculation with token-conditioned draft heads (DeepSeek-V3-style MTP modules).
 
 Draft head k (code index k = 1..K, K drafts) at position q reads head k-1's output h_{k-1}[q]
 and the embedding of token x_{q+k}, so the drafts are made one after another: with the root
@@ -32,6 +32,18 @@ So a step costs one call per draft head over K+2 columns, in order (head k needs
 outputs). Rows accept different numbers of drafts: a row's unused columns write to slots past
 its query (never attended: every query sees slots <= its own position), never to a slot that
 holds something needed. Prefill does the same over the whole prompt, then the query chain.
+
+Trees. A chain is `Tree.chain(K)`; any static tree (`tree.Tree`) decodes the same way, each
+node's children drafted by the module run on THAT node's token (so siblings' subtrees differ):
+the root's children come from h_1[q]; a node v at depth d >= 1 with children runs head d+1 on
+(h_d of v's parent, v's token) -> the distribution its children are drawn from (greedy: its
+top ranks; sampling: draws without replacement from it, verified by recursive rejection
+sampling against that node's own q, as `speculate.verify` does per sibling group). All nodes
+with children at one depth are query columns of ONE call of that depth's head, beside its exact
+columns; each query column writes its keys/values to its own scratch slot past the frontier
+(q + K + 2 + its group), which only it attends to. After verification the accepted path is a
+chain again: the exact runs above read head 1's outputs along it (its nodes' columns of the
+verification forward), and the engine's cache is compacted as for the other head types.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding.engine import Engine, prefill
-from multitoken.decoding.sampling import Sampling, pick, process_logits, sample
+from multitoken.decoding.sampling import Sampling, draw_distinct, pick, process_logits
 from multitoken.decoding.speculate import Drafts, StepOut, verify_step
 from multitoken.decoding.tree import Tree
 from multitoken.errors import MultitokenError
@@ -59,33 +71,84 @@ def run_draft_head(model: MultiTokenModel, k: int, cache: KVCache, h: Tensor, to
     return model.heads[k](h, model.tok_embeddings(tok), cos, sin, ctx, k - 1)
 
 
-def draft_from(engine: Engine, h: Tensor, sampling: Sampling,
-               generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
-    """A draft from a draft head's output h [B, D] -> (token [B], its q [B, V] or None):
-    the argmax when greedy, else a draw from the processed distribution q."""
-    logits = engine.draft_logits(h[None])[0]  # [B, V]
-    if sampling.greedy:
-        return logits.argmax(-1), None
-    q = process_logits(logits, sampling)
-    return sample(q, generator), q
+class Levels:
+    """A tree by depth, for drafting one depth at a time (built once per decoder).
+
+    groups[d]: the sibling groups (nodes with children, global group ids of `Tree.tensors`)
+    whose node is at depth d, group_nodes[d] those nodes; parent[d] (d >= 1): for each, the place of its node's parent among
+    groups[d-1]; kids[d]: the nodes at depth d+1, and where each one's token is in the flattened
+    [B, len(groups[d]) * C] draws (sampling: draw order) or [B, len(groups[d]) * R] top ranks
+    (greedy: its rank)."""
+
+    def __init__(self, tree: Tree, device: torch.device) -> None:
+        t = tree._tables
+        depth, groups, parent, pos = t["depth"], t["group_node"], t["parent"], t["child_pos"]
+        self.width, self.ranks = len(t["group_children"][0]), tree.max_rank
+        self.n_groups, self.depth, self.size = len(groups), tree.depth, tree.size
+        group_of = {j: g for g, j in enumerate(groups)}
+        by_depth = [[g for g, j in enumerate(groups) if depth[j] == d] for d in range(tree.depth)]
+        local = {g: i for ids in by_depth for i, g in enumerate(ids)}
+
+        def at(xs: list[int]) -> Tensor:
+            return torch.tensor(xs, dtype=torch.long, device=device)
+
+        self.groups = [at(ids) for ids in by_depth]
+        self.group_nodes = [at([groups[g] for g in ids]) for ids in by_depth]
+        self.parent = [at([local[group_of[parent[groups[g]]]] for g in ids]) for ids in by_depth]
+        kids = [[j for j in range(1, tree.size + 1) if depth[j] == d + 1]
+                for d in range(tree.depth)]
+        self.kids = [at(js) for js in kids]
+        self.kid_draw = [at([local[group_of[parent[j]]] * self.width + pos[j] for j in js])
+                         for js in kids]
+        self.kid_rank = [at([local[group_of[parent[j]]] * self.ranks + tree.paths[j - 1][-1]
+                             for j in js]) for js in kids]
 
 
-def stack_drafts(toks: list[Tensor], qs: list[Tensor | None], sampling: Sampling) -> Drafts:
-    return Drafts(torch.stack(toks, 1),
-                  None if sampling.greedy else torch.stack(qs, 1))  # type: ignore[arg-type]
+class TreeDrafter:
+    """Draws a tree's drafts depth by depth from the draft heads' outputs at its sibling groups
+    (see the module docstring): `children` fills the node tokens of one depth, `drafts` hands
+    over the tree's Drafts."""
+
+    def __init__(self, engine: Engine, levels: Levels, root: Tensor, sampling: Sampling,
+                 generator: torch.Generator | None) -> None:
+        self.engine, self.levels = engine, levels
+        self.sampling, self.generator = sampling, generator
+        B = root.shape[0]
+        self.tokens = root.new_zeros(B, levels.size + 1)  # [B, N+1]: node 0 = the root
+        self.tokens[:, 0] = root
+        self.q: Tensor | None = None  # [B, G, V] when sampling
+
+    def children(self, d: int, h: Tensor) -> None:
+        """The children of the groups at depth d from their draft head outputs h [B, G_d, D]."""
+        lv, s = self.levels, self.sampling
+        logits = self.engine.draft_logits(h)  # [B, G_d, V]
+        if s.greedy:
+            table = (logits.argmax(-1, keepdim=True) if lv.ranks == 1
+                     else logits.topk(lv.ranks, dim=-1).indices)  # [B, G_d, R]
+            self.tokens[:, lv.kids[d]] = table.flatten(1)[:, lv.kid_rank[d]]
+            return
+        q = process_logits(logits, s)
+        draws = draw_distinct(q, lv.width, self.generator)  # [B, G_d, C]
+        self.tokens[:, lv.kids[d]] = draws.flatten(1)[:, lv.kid_draw[d]]
+        if self.q is None:
+            self.q = q.new_zeros(q.shape[0], lv.n_groups, q.shape[-1])
+        self.q[:, lv.groups[d]] = q
+
+    def drafts(self) -> Drafts:
+        return Drafts(self.tokens[:, 1:], self.q)
 
 
-def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache,
+def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache, levels: Levels,
                       carry: list[Tensor], h0: Tensor, emitted: Tensor, pos: Tensor, a: Tensor,
                       sampling: Sampling,
                       generator: torch.Generator | None) -> tuple[Drafts, list[Tensor]]:
     """The end of a step (module docstring): bring every draft head's cache entries up to the
-    new frontier and draft the next chain.
+    new frontier and draft the next tree.
 
-    h0 [B, K+1, D]: head 1's outputs at the step's chain positions pos + 0..K (pos [B]: the old
-    root's); emitted [B, K+1]: the tokens the step emitted there (a [B] accepted drafts, then
-    the bonus, then unused columns); carry: head k's output at its last exact position before
-    this step, k = 1..K-1. Returns (the next drafts, the next carry)."""
+    h0 [B, K+1, D]: head 1's outputs along the accepted path at positions pos + 0..K (pos [B]:
+    the old root's); emitted [B, K+1]: the tokens the step emitted there (a [B] accepted drafts,
+    then the bonus, then unused columns); carry: head k's output at its last exact position
+    before this step, k = 1..K-1. Returns (the next drafts, the next carry)."""
     K = h0.shape[1] - 1
     B = pos.shape[0]
     rows = torch.arange(B, device=pos.device)
@@ -93,82 +156,87 @@ def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache,
     q = pos + a  # the new draft position (the new root is at q + 1)
     valid = col[None] <= a[:, None]  # [B, K+1]
     garbage = q[:, None] + 1 + col[None]  # slots past q for unused columns
-    kv = int((q + K + 1).max()) + 1
+    scratch = q[:, None] + K + 2  # + group id: each query column's own slot
+    kv = int(q.max()) + K + 2 + levels.n_groups
     # head 1: positions p..p+a, h_0 there (chain node i sits at position p+i)
     p1 = pos[:, None] + col[None]
     h = run_draft_head(model, 1, cache, h0, emitted, p1, torch.where(valid, p1, garbage), kv)
-    h_query = h[rows, a]  # h_1[q]
-    tok, qk = draft_from(engine, h_query, sampling, generator)
-    toks, qs = [tok], [qk]
-    new_carry = [h_query]
+    drafter = TreeDrafter(engine, levels, emitted[rows, a], sampling, generator)
+    h_query = h[rows, a][:, None]  # [B, 1, D]: h_1[q], the root's group
+    drafter.children(0, h_query)
+    new_carry = [h_query[:, 0]]
     for k in range(2, K + 1):
         pk = pos[:, None] + col[None] - k + 1  # exact positions p-k+1.. (< 0: none there)
         ok = valid & (pk >= 0)
-        hin = torch.cat([carry[k - 2][:, None], h[:, :K], h_query[:, None]], 1)
-        tin = torch.cat([emitted, tok[:, None]], 1)
-        pin = torch.cat([pk.clamp(min=0), q[:, None]], 1)
-        sin = torch.cat([torch.where(ok, pk, garbage), q[:, None]], 1)
+        g = levels.groups[k - 1]  # groups at depth k-1: head k drafts their children
+        n_q = g.shape[0]
+        hin = torch.cat([carry[k - 2][:, None], h[:, :K], h_query[:, levels.parent[k - 1]]], 1)
+        tin = torch.cat([emitted, drafter.tokens[:, levels.group_nodes[k - 1]]], 1)
+        pin = torch.cat([pk.clamp(min=0), q[:, None].expand(B, n_q)], 1)
+        sin = torch.cat([torch.where(ok, pk, garbage), scratch + g[None]], 1)
         out_k = run_draft_head(model, k, cache, hin, tin, pin, sin, kv)
-        h, h_query = out_k[:, :K + 1], out_k[:, K + 1]
+        h, h_query = out_k[:, :K + 1], out_k[:, K + 1:]
         if k < K:
             new_carry.append(h[rows, a])
-        tok, qk = draft_from(engine, h_query, sampling, generator)
-        toks.append(tok)
-        qs.append(qk)
-    return stack_drafts(toks, qs, sampling), new_carry[:K - 1]
+        drafter.children(k - 1, h_query)
+    return drafter.drafts(), new_carry[:K - 1]
 
 
 def conditioned_drafts(model: MultiTokenModel, engine: Engine, cache: KVCache, h0: Tensor,
-                       idx: Tensor, pos: Tensor, k: int, sampling: Sampling,
-                       generator: torch.Generator | None) -> Drafts:
-    """The draft-head work of a chain-k step that accepted every draft, after a forward over
-    idx [B, m] at positions pos [B, m] (head 1's outputs h0 [B, m, D]); for timing
-    (`calibrate.time_forwards`). A chain step has m = k + 1; for other m the k + 1 columns
-    repeat the last ones. `cache`: a draft cache with room past pos + 2k + 2."""
+                       idx: Tensor, pos: Tensor, sampling: Sampling,
+                       generator: torch.Generator | None, tree: Tree) -> Drafts:
+    """The draft-head work of a step with `tree` (a chain: `Tree.chain(k)`; k = its depth)
+    that accepted every draft of its top-1 path, after a forward over idx [B, m] at positions
+    pos [B, m] (head 1's outputs h0 [B, m, D]); for timing (`calibrate.time_forwards`). The
+    exact runs take k + 1 columns (the last ones repeated when m < k + 1). `cache`: a draft
+    cache with room past pos + 2k + 2 + the tree's sibling groups."""
     B, m = idx.shape
+    k = tree.depth
+    levels = Levels(tree, idx.device)
     cols = torch.arange(k + 1, device=idx.device).clamp(max=m - 1)
     carry = [h0.new_zeros(B, h0.shape[-1]) for _ in range(k - 1)]
     full = torch.full((B,), k, device=idx.device)
-    return refresh_and_draft(model, engine, cache, carry, h0[:, cols], idx[:, cols],
+    return refresh_and_draft(model, engine, cache, levels, carry, h0[:, cols], idx[:, cols],
                              pos[:, 0], full, sampling, generator)[0]
 
 
 class ConditionedDecoder:
-    """generate()'s driver for chain speculation with token-conditioned heads: the same
-    start / select / step as `speculate.SpeculativeDecoder` (see the module docstring)."""
+    """generate()'s driver for chain and tree speculation with token-conditioned heads: the
+    same start / select / step as `speculate.SpeculativeDecoder` (see the module docstring)."""
 
-    def __init__(self, model: MultiTokenModel, k: int, sampling: Sampling,
+    def __init__(self, model: MultiTokenModel, tree: Tree, sampling: Sampling,
                  generator: torch.Generator | None) -> None:
         if not model.conditioned:
             raise MultitokenError("ConditionedDecoder needs token_conditioned heads")
-        if not 1 <= k <= model.n_future - 1:
-            raise MultitokenError(f"a chain of {k} drafts needs {k + 1} heads; the model has "
-                                  f"{model.n_future}")
-        self.model, self.k = model, k
+        if not 1 <= tree.depth <= model.n_future - 1:
+            raise MultitokenError(f"{tree.depth} drafts deep needs {tree.depth + 1} heads; the "
+                                  f"model has {model.n_future}")
+        if tree.max_rank > model.cfg.vocab_size:
+            raise MultitokenError(f"tree uses rank {tree.max_rank - 1}, but the vocabulary has "
+                                  f"only {model.cfg.vocab_size} tokens")
+        self.model, self.k, self.tree = model, tree.depth, tree
         self.engine = Engine(model, 1)
-        self.tree = Tree.chain(k)
+        self.levels = Levels(tree, self.engine.device)
         self.sampling, self.generator = sampling, generator
-        self.width, self.depth = k + 1, k
+        self.width, self.depth = tree.size + 1, tree.depth
 
-    # -- drafting at prefill --------------------------------------------------------------------
-    def _chain(self, h1: Tensor) -> Drafts:
-        """Drafts 1..K from h_1[q] [B, D], each draft head's query run alone at q (prefill;
-        a step runs them with the heads' exact runs)."""
-        tok, q = draft_from(self.engine, h1, self.sampling, self.generator)
-        toks, qs = [tok], [q]
-        h = h1
+    def _first_drafts(self, h1: Tensor) -> Drafts:
+        """The tree's drafts from h_1[q] [B, D] at prefill: each depth's query columns run
+        alone (a step runs them beside the heads' exact runs)."""
+        lv = self.levels
+        drafter = TreeDrafter(self.engine, lv, self.tok, self.sampling, self.generator)
+        h = h1[:, None]
+        drafter.children(0, h)
+        B = h1.shape[0]
+        kv = int(self.q.max()) + self.k + 2 + lv.n_groups
         for k in range(2, self.k + 1):
-            h = self._query(k, h, tok)
-            tok, q = draft_from(self.engine, h, self.sampling, self.generator)
-            toks.append(tok)
-            qs.append(q)
-        return stack_drafts(toks, qs, self.sampling)
-
-    def _query(self, k: int, h: Tensor, tok: Tensor) -> Tensor:
-        """Head k's query at q alone (prefill): h_{k-1}[q] [B, D], draft k-1 [B] -> h_k[q]."""
-        q = self.q[:, None]
-        return run_draft_head(self.model, k, self.cache, h[:, None], tok[:, None], q, q,
-                              int(self.q.max()) + 1)[:, 0]
+            g = lv.groups[k - 1]
+            tok = drafter.tokens[:, lv.group_nodes[k - 1]]
+            h = run_draft_head(self.model, k, self.cache, h[:, lv.parent[k - 1]], tok,
+                               self.q[:, None].expand(B, g.shape[0]),
+                               self.q[:, None] + self.k + 2 + g[None], kv)
+            drafter.children(k - 1, h)
+        return drafter.drafts()
 
     # -- the decoder interface ----------------------------------------------------------------
     def start(self, cache: KVCache, idx: Tensor, last: Tensor) -> Tensor:
@@ -178,8 +246,8 @@ class ConditionedDecoder:
         fwd = prefill(self.engine, cache, idx)
         rows = torch.arange(B, device=idx.device)
         self.tok = pick(self.engine.logits(fwd.h0[rows, last]), self.sampling, self.generator)
-        # Room for a step's unused columns past its query (`step`).
-        self.cache = model.new_draft_cache(B, cache.max_len + self.k + 2)
+        # Room for a step's unused columns and query columns past its query (`step`).
+        self.cache = model.new_draft_cache(B, cache.max_len + self.k + 2 + self.levels.n_groups)
         seq = torch.cat([idx, torch.zeros_like(idx[:, :1])], 1)  # [B, T+1]: prompt, root
         seq[rows, last + 1] = self.tok
         pos = torch.arange(T, device=idx.device).expand(B, T)
@@ -189,14 +257,14 @@ class ConditionedDecoder:
         h1 = fwd.h0[:, 0]
         for k in range(1, self.k + 1):
             # Exact entries for positions <= last + 1 - k (beyond: garbage, rewritten before
-            # anything attends to it; the query below writes slot q after this).
+            # anything attends to it).
             h = run_draft_head(model, k, self.cache, h, model.future_tokens(seq, k)[:, :T],
                                pos, pos, T)
             if k == 1:
                 h1 = h[rows, last]
             if k < self.k:
                 self.carry.append(h[rows, (last + 1 - k).clamp(min=0)])
-        self.drafts = self._chain(h1)
+        self.drafts = self._first_drafts(h1)
         return self.tok
 
     def select(self, rows: Tensor) -> None:
@@ -208,8 +276,20 @@ class ConditionedDecoder:
         """One step from the root at positions pos [B] (see the module docstring)."""
         out, self.tok, fwd = verify_step(self.engine, cache, self.tree, self.tok, self.drafts,
                                          pos, kv_len, self.sampling, self.generator)
+        acc = out.node
+        assert acc is not None
+        t = self.tree.tensors(pos.device)
+        h0 = fwd.h0
+        if not self.tree.is_chain:
+            # head 1's outputs along the accepted path, in position order; then compact the
+            # engine's cache as speculate_step does
+            path = torch.cat([torch.zeros_like(acc)[:, None], t["path_nodes"][acc]], 1)
+            h0 = h0.gather(1, path[..., None].expand(-1, -1, h0.shape[-1]))
+            if not bool(t["in_place"][acc].all()):
+                d = torch.arange(1, self.k + 1, device=pos.device)
+                cache.copy_slots(pos[:, None] + t["path_nodes"][acc], pos[:, None] + d)
         self.drafts, self.carry = refresh_and_draft(
-            self.model, self.engine, self.cache, self.carry, fwd.h0, out.tokens, pos, out.n,
-            self.sampling, self.generator)
+            self.model, self.engine, self.cache, self.levels, self.carry, h0, out.tokens, pos,
+            out.n, self.sampling, self.generator)
         self.q = pos + out.n
         return out

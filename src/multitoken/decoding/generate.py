@@ -240,23 +240,15 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
     decoder: PlainDecoder | SpeculativeDecoder | ConditionedDecoder
     if speculative == "off":
         decoder = PlainDecoder(model, sampling, generator)
-    elif model.conditioned:
-        # A chain-shaped tree (calibrate's candidates name chains as trees) is a chain.
-        if speculative == "tree":
-            t = Tree(tree if tree is not None else Tree.chain(k).paths, max_depth=k)
-            if not t.is_chain:
-                raise MultitokenError("trees are not built for token_conditioned heads yet: use "
-                                      "speculative='chain' (or a chain-shaped tree)")
-            k, stats.tree_size = t.depth, t.size
-        decoder = ConditionedDecoder(model, k, sampling, generator)
-        stats.num_drafts = k
     else:
         if speculative == "chain":
             t = Tree.chain(k)
         else:
             t = Tree(tree if tree is not None else default_tree(k), max_depth=k)
             stats.tree_size = t.size
-        decoder = SpeculativeDecoder(model, t, sampling, generator)
+        # Token-conditioned draft heads draft each node's children from that node's token.
+        decoder = (ConditionedDecoder if model.conditioned else SpeculativeDecoder)(
+            model, t, sampling, generator)
         stats.num_drafts = t.depth
 
     with torch.inference_mode():
