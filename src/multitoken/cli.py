@@ -1,4 +1,4 @@
-"""`multitoken` command line: train, eval, generate, calibrate, distill, convert, bench.
+"""`multitoken` command line: train, eval, generate, serve, calibrate, distill, convert, bench.
 
 Configuration flags are the dataclass fields themselves: `--model.n_future=2` or
 `--model.n_future 2`, applied on top of `--config recipe.yaml`, strictly (unknown keys fail).
@@ -26,6 +26,7 @@ BENCHES = {
     "train-memory": "multitoken.bench.train_memory",
     "train-speed": "multitoken.bench.train_speed",
     "decode": "multitoken.bench.decode",
+    "serve": "multitoken.bench.serve",
 }
 
 
@@ -232,6 +233,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
     "generate": cmd_module("multitoken.commands.generate"),
+    "serve": cmd_module("multitoken.commands.serve"),
     "calibrate": cmd_module("multitoken.commands.calibrate"),
     "distill": cmd_module("multitoken.distill"),
     "convert": cmd_module("multitoken.interop"),
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
               "  train      train a multi-token prediction model (--config configs/demo.yaml)\n"
               "  eval       per-head validation loss and accuracy of a checkpoint\n"
               "  generate   decode from a checkpoint (plain or self-speculative)\n"
+              "  serve      OpenAI-compatible HTTP server, continuous batching + speculation\n"
               "  calibrate  measure head acceptance and forward costs; choose the draft tree\n"
               "  distill    fine-tune the draft heads on the model's own output (greedy or sampled)\n"
               "  convert    import Meta's MTP release or a HF Llama; export to HF Llama\n"
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
               "  eval-code  HumanEval pass@k, completions run in a sandbox\n"
               "  experiment paper experiments: induction, polynomial, ntp-vs-mtp, byte-heads;\n"
               "             pretrained: an n=1 model gains heads (docs/pretrained.md)\n"
-              "  bench      train-memory | train-speed | decode\n\n"
+              "  bench      train-memory | train-speed | decode | serve\n\n"
               "`multitoken COMMAND --help` lists a command's options.")
         return 0
     cmd = COMMANDS.get(argv[0])

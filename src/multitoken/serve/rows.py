@@ -1,0 +1,196 @@
+"""Row-based batched decoding for the server: one KV-cache row per running sequence, rows that
+join and leave between steps, and per-row sampling settings.
+
+`generate()` decodes a fixed batch with one `Sampling` and one generator. A server batch is
+different: requests arrive and leave at any step, and every request has its own temperature,
+top-p, top-k and seed. `RowDecoder` holds what `PlainDecoder` / `SpeculativeDecoder` hold
+(the root token and the drafts per sequence) in preallocated per-row buffers, and runs the
+same arithmetic:
+
+- the forward of a step runs once over the whole running batch (rows 0..n-1 of the cache, the
+  "dense prefix"), exactly as `speculate.verify_step` feeds it;
+- verification and drafting (`speculate.verify`, `speculate.propose`, `sampling.pick`) run per
+  *group* of rows that share settings and a random stream: all greedy rows together (greedy
+  uses no randomness), the unseeded sampled rows of one setting together (on the server's
+  shared generator), and each seeded row alone on its own generator. So a seeded request draws
+  exactly the numbers it would draw alone, whatever else is in the batch, and a request served
+  alone makes the very calls `generate()` makes, in the same order (same tokens: tested).
+
+Sampling stays exact per row: `verify` applies min(1, p/q) with the residual to each group with
+that group's own p and q (see `decoding/sampling.py`).
+
+Rows: the running sequences occupy rows 0..n-1. A finishing row is replaced by the last one
+(`move`: one row of cache copied, not the whole batch), a newcomer takes row n. Prefill of
+newcomers runs on a view of their rows only, so it never touches running rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from multitoken.decoding.engine import Engine
+from multitoken.decoding.generate import decode_one
+from multitoken.decoding.sampling import Sampling, pick
+from multitoken.decoding.speculate import propose, verify
+from multitoken.decoding.tree import Tree, tree_context
+from multitoken.model import KVCache, MultiTokenModel, causal_context
+
+
+def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
+    """A KVCache over rows start..stop-1 of `cache`, sharing its storage (writes go through).
+    The engine indexes a cache's rows from 0, so a sub-batch needs such a view."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v = cache.k[:, start:stop], cache.v[:, start:stop]
+    view.max_len = cache.max_len
+    view._rows = cache._rows[: stop - start]
+    return view
+
+
+@dataclass
+class Group:
+    """Rows that verify and draft together: the same settings and the same random stream."""
+
+    rows: list[int]  # indices into the batch being processed
+    sampling: Sampling
+    generator: torch.Generator | None
+
+
+def _index(rows: list[int], n: int, device: torch.device) -> Tensor | None:
+    """None when the group is the whole batch in order (no gather: the same tensors as solo)."""
+    if rows == list(range(n)):
+        return None
+    return torch.tensor(rows, device=device)
+
+
+def _take(x: Tensor, idx: Tensor | None, dim: int = 0) -> Tensor:
+    return x if idx is None else x.index_select(dim, idx)
+
+
+@dataclass
+class StepResult:
+    tokens: list[list[int]]  # per row: accepted drafts then the bonus token
+    tried: list[int]  # per row: drafts verified (acceptance by depth)
+
+
+class RowDecoder:
+    """Per-row decoding state over a preallocated cache of `max_rows` rows (see the module
+    docstring). tree=None: plain decoding (head 1 only)."""
+
+    def __init__(self, model: MultiTokenModel, tree: Tree | None, max_rows: int) -> None:
+        self.model, self.tree = model, tree
+        self.engine = Engine(model, 1 if tree is None else tree.depth + 1)
+        self.width = 1 if tree is None else tree.size + 1
+        self.depth = 0 if tree is None else tree.depth
+        self.device = self.engine.device
+        # A row feeds positions < max_seq_len, plus one step's width of speculative tokens.
+        self.cache = self.engine.new_cache(max_rows, model.cfg.max_seq_len + self.width)
+        self.max_rows = max_rows
+        self.root = torch.zeros(max_rows, dtype=torch.long, device=self.device)
+        n_nodes = 0 if tree is None else tree.size
+        self.drafts = torch.zeros(max_rows, n_nodes, dtype=torch.long, device=self.device)
+        # The draft distributions of sampled rows [max_rows, groups of the tree, V], made on
+        # first use (a greedy-only server never holds them).
+        self.q: Tensor | None = None
+        self.n_groups = 0 if tree is None else len(tree.tensors(self.device)["group_node"])
+
+    # -- rows -----------------------------------------------------------------------------------
+    def move(self, src: int, dst: int) -> None:
+        """Row src's whole state (cache, root, drafts) into row dst."""
+        c = self.cache
+        c.k[:, dst] = c.k[:, src]
+        c.v[:, dst] = c.v[:, src]
+        self.root[dst] = self.root[src]
+        self.drafts[dst] = self.drafts[src]
+        if self.q is not None:
+            self.q[dst] = self.q[src]
+
+    def _store_drafts(self, start: int, groups: list[Group], logits: Tensor, n: int) -> None:
+        """Propose the next drafts of rows start..start+n-1 from the draft heads' logits
+        [D, n, V], group by group."""
+        assert self.tree is not None
+        for g in groups:
+            idx = _index(g.rows, n, self.device)
+            d = propose(_take(logits, idx, 1), self.tree, g.sampling, g.generator)
+            rows = torch.tensor(g.rows, device=self.device) + start
+            self.drafts[rows] = d.tokens
+            if d.q is not None:
+                if self.q is None:
+                    self.q = torch.zeros(self.max_rows, self.n_groups, d.q.shape[-1],
+                                         device=self.device)
+                self.q[rows] = d.q
+
+    # -- prefill ----------------------------------------------------------------------------------
+    def prefill(self, start: int, idx: Tensor, offset: int, last: Tensor | None,
+                groups: list[Group]) -> list[int] | None:
+        """Feed idx [m, T] (right-padded prompts, or one chunk of one long prompt) at positions
+        offset.. into rows start..start+m-1. last [m]: for the final piece, each prompt's last
+        index in idx; then the first new token of every row is picked (and the first drafts
+        proposed) and returned. None for a chunk that is not the last."""
+        m, T = idx.shape
+        cache = cache_rows(self.cache, start, start + m)
+        # offset 0 is `engine.prefill` exactly (same positions, mask and kv_len)
+        pos = (torch.arange(T, device=idx.device) + offset).expand(m, T)
+        fwd = self.engine.forward(idx, pos, causal_context(cache, pos, offset + T))
+        if last is None:
+            return None
+        h = fwd.h0[torch.arange(m, device=idx.device), last]
+        logits = self.engine.logits(h)
+        first = torch.empty(m, dtype=torch.long, device=self.device)
+        for g in groups:
+            gi = _index(g.rows, m, self.device)
+            first[slice(None) if gi is None else gi] = pick(_take(logits, gi), g.sampling,
+                                                            g.generator)
+        self.root[start:start + m] = first
+        if self.tree is not None:
+            hidden = self.engine.draft_hidden(fwd, last)
+            self._store_drafts(start, groups, self.engine.draft_logits(hidden), m)
+        return first.tolist()
+
+    # -- one step for rows 0..n-1 -------------------------------------------------------------
+    def step(self, n: int, pos: list[int], groups: list[Group]) -> StepResult:
+        """One decode step of rows 0..n-1 whose roots sit at positions pos."""
+        cache = cache_rows(self.cache, 0, n)
+        base = torch.tensor(pos, device=self.device)
+        kv_len = max(pos) + self.width
+        root = self.root[:n]
+        if self.tree is None:
+            logits = decode_one(self.engine, cache, root, base, kv_len)
+            nxt = torch.empty(n, dtype=torch.long, device=self.device)
+            for g in groups:
+                gi = _index(g.rows, n, self.device)
+                nxt[slice(None) if gi is None else gi] = pick(_take(logits, gi), g.sampling,
+                                                              g.generator)
+            self.root[:n] = nxt
+            return StepResult([[t] for t in nxt.tolist()], [0] * n)
+        tree = self.tree
+        t = tree.tensors(self.device)
+        inp = torch.cat([root[:, None], self.drafts[:n]], dim=1)  # [n, N+1]
+        fwd = self.engine.forward(inp, base[:, None] + t["depth"],
+                                  tree_context(cache, base, tree, kv_len))
+        logits = self.engine.logits(fwd.h0)  # [n, N+1, V]
+        acc = torch.empty(n, dtype=torch.long, device=self.device)
+        nxt = torch.empty(n, dtype=torch.long, device=self.device)
+        for g in groups:
+            gi = _index(g.rows, n, self.device)
+            q = None
+            if not g.sampling.greedy:
+                assert self.q is not None
+                q = _take(self.q[:n], gi)
+            a, x = verify(_take(logits, gi), _take(inp, gi), q, t, g.sampling, g.generator)
+            where = slice(None) if gi is None else gi
+            acc[where], nxt[where] = a, x
+        emit = t["emit"][acc]  # [n, D+3]
+        D = tree.depth
+        tokens = torch.cat([inp, nxt[:, None]], dim=1).gather(1, emit[:, :D + 1])
+        self._store_drafts(0, groups, self.engine.draft_logits(self.engine.draft_hidden(fwd, acc)),
+                           n)
+        if not tree.is_chain and not bool(t["in_place"][acc].all()):
+            d = torch.arange(1, D + 1, device=self.device)
+            cache.copy_slots(base[:, None] + t["path_nodes"][acc], base[:, None] + d)
+        self.root[:n] = nxt
+        n_acc = emit[:, D + 1].tolist()
+        toks = tokens.tolist()
+        return StepResult([toks[r][: n_acc[r] + 1] for r in range(n)], emit[:, D + 2].tolist())
