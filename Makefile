@@ -6,8 +6,10 @@ TORCH  ?= torch==2.13.0
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 PRETRAINED_DIR ?= runs/pretrained-$(shell date +%Y%m%d-%H%M%S)
 REFERENCE ?=
+GPU_CHECK_OUT ?= runs/gpu-check-$(shell date +%Y%m%d-%H%M%S)
+GPU_CHECK_ARGS ?=
 
-.PHONY: setup demo pretrained-demo test lint clean-cache
+.PHONY: setup demo pretrained-demo test lint clean-cache gpu-check
 
 setup: $(VENV)/.installed
 
@@ -34,6 +36,12 @@ demo: setup
 # PRETRAINED_DIR again continues a stopped run.
 pretrained-demo: setup
 	$(BIN)/multitoken experiment pretrained --out $(PRETRAINED_DIR) $(if $(REFERENCE),--reference $(REFERENCE))
+
+# issue 20 (docs/gpu.md): the CUDA path's checks in one run of at most 8 minutes on one H100,
+# figures in $(GPU_CHECK_OUT)/results.{json,md}; sets up its own venv on a bare GPU machine.
+# GPU_CHECK_ARGS=--cpu-smoke runs the same plumbing at tiny sizes on the CPU (< 1 min).
+gpu-check:
+	scripts/gpu_check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -25,7 +25,10 @@ their cost is part of what the measured ratio may exceed the FLOP ratio by.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,7 @@ from multitoken.devices import resolve_device
 from multitoken.errors import ConfigError
 from multitoken.loss import IGNORE_INDEX, mtp_loss
 from multitoken.model import MultiTokenModel
+from multitoken.train import autocast_factory
 
 TARGET = 1.05  # issue 2: measured ratio <= 1.05 x FLOP ratio
 
@@ -86,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=pos, default=2, help="torch CPU threads (default 2)")
     cliargs.add_device_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="autocast dtype on CUDA, as train.dtype (default float32; ignored on "
+                        "the CPU)")
     p.add_argument("--check", action="store_true",
                    help=f"exit 1 if ratio > {TARGET} x flop_ratio")
     return p
@@ -102,8 +109,8 @@ def model_config(args: argparse.Namespace, n_future: int) -> ModelConfig:
 class _Arm:
     """One model + optimizer + how its loss is computed."""
 
-    def __init__(self, cfg: ModelConfig, method: str, seed: int,
-                 device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, method: str, seed: int, device: torch.device,
+                 autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
         torch.manual_seed(seed)
         self.cfg = cfg
         self.model = MultiTokenModel(cfg).to(device)
@@ -111,17 +118,20 @@ class _Arm:
         self.method = method  # "plain" = F.cross_entropy, else an mtp_loss method
         self.times: list[float] = []
         self.device = device
+        self.autocast = autocast
 
     def step(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
         with Timer(self.device) as t:
             self.opt.zero_grad(set_to_none=True)
             if self.method == "plain":
-                h = self.model.hidden(idx)[0]
-                loss = F.cross_entropy(self.model.unembed(h).flatten(0, 1), targets.flatten(),
-                                       ignore_index=IGNORE_INDEX)
+                with self.autocast():
+                    h = self.model.hidden(idx)[0]
+                    loss = F.cross_entropy(self.model.unembed(h).flatten(0, 1).float(),
+                                           targets.flatten(), ignore_index=IGNORE_INDEX)
                 loss.backward()
             else:  # runs its own backward
-                mtp_loss(self.model, idx, targets, backward=True, method=self.method)
+                mtp_loss(self.model, idx, targets, backward=True, method=self.method,
+                         autocast=self.autocast)
             self.opt.step()
         return t.seconds
 
@@ -136,15 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     set_threads(args.threads)
 
-    ntp = _Arm(cfgs[1], args.ntp_method, args.seed, device)
-    mtp = _Arm(cfgs[args.n_future], args.method, args.seed, device)
+    autocast = autocast_factory(device, args.dtype)
+    ntp = _Arm(cfgs[1], args.ntp_method, args.seed, device, autocast)
+    mtp = _Arm(cfgs[args.n_future], args.method, args.seed, device, autocast)
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g)
     idx, targets = x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)
 
     print(f"train-speed: vocab {args.vocab}, dim {args.dim}, {args.layers} layers in all, "
           f"{args.batch} x {args.seq_len} tokens, n_future 1 ({args.ntp_method}) vs "
-          f"{args.n_future} ({args.method}), device {device}, threads {torch.get_num_threads()}",
+          f"{args.n_future} ({args.method}), device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}",
           file=sys.stderr, flush=True)
     for _ in range(args.warmup):
         ntp.step(idx, targets)
