@@ -194,8 +194,10 @@ def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], count
     heads.
 
     Parallel heads: forward + backward one head at a time; only one head's logits ever exist.
-    Chained heads: head layers run forward with detached links (their activations are one layer
-    each, O(T*D)), then heads are processed from the end of the chain backwards so each head's
+    Chained heads: the chain runs forward once without a graph (keeping each head's output,
+    [B, T, D]), then heads are processed from the end of the chain backwards, each one's layer
+    recomputed from its input's leaf with a graph, so only one head's layer activations and
+    logits exist at a time (one extra head-layer forward per head buys it) and each head's
     input gradient is complete before it is passed on to its parent. Token-conditioned heads'
     token embeddings are part of their head's own forward, so each head's backward also adds
     its share of the embedding's gradient.
@@ -232,20 +234,27 @@ def _sequential(model: MultiTokenModel, idx: Tensor, labels: list[Tensor], count
                 h.backward(h_leaf.grad)  # through the head layer into z_leaf.grad
     else:
         order = model.head_order()
-        outs: dict[int, Tensor] = {}
         leaves: dict[int, Tensor] = {}
-        for i in order:
-            parent = model.head_parent(i)
-            inp = z_leaf if parent is None else leaves[parent]
-            with ctx():
-                outs[i] = model.head(i, inp, cos, sin, idx=idx)
-            leaves[i] = outs[i].detach().requires_grad_(outs[i].requires_grad)
+        with torch.no_grad():  # the chain's outputs only: no head's graph is kept
+            for i in order:
+                parent = model.head_parent(i)
+                with ctx():
+                    h = model.head(i, z_leaf if parent is None else leaves[parent], cos, sin,
+                                   idx=idx)
+                # its gradient is needed when anything upstream of it trains
+                upstream = z.requires_grad if parent is None else leaves[parent].requires_grad
+                leaves[i] = h.requires_grad_(upstream or any(
+                    p.requires_grad for p in model.heads[i].parameters()))
         for i in reversed(order):  # children before parents
+            parent = model.head_parent(i)
+            with ctx():  # this head's graph, recomputed from its input's leaf
+                out = model.head(i, z_leaf if parent is None else leaves[parent], cos, sin,
+                                 idx=idx)
             loss = head_loss(i, leaves[i])
             if loss.requires_grad:
                 loss.backward()  # adds to leaves[i].grad (children already did)
-            if outs[i].requires_grad and leaves[i].grad is not None:
-                outs[i].backward(leaves[i].grad)
+            if out.requires_grad and leaves[i].grad is not None:
+                out.backward(leaves[i].grad)  # into the parent's leaf (or z_leaf)
     if z.requires_grad and z_leaf.grad is not None:
         z.backward(z_leaf.grad)  # one backward through the trunk
     return _output(means, correct, counts)
