@@ -36,8 +36,9 @@ def corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def test_train_writes_run_dir_and_resumes_after_kill(tmp_path, corpus):
-    base = tiny_overrides(corpus, tmp_path / "cache", steps=8)
+@pytest.mark.parametrize("head_type", ["transformer", "token_conditioned"])
+def test_train_writes_run_dir_and_resumes_after_kill(tmp_path, corpus, head_type):
+    base = [*tiny_overrides(corpus, tmp_path / "cache", steps=8), f"--model.head_type={head_type}"]
     # uninterrupted reference run
     assert main(["train", "--out", str(tmp_path / "a"), "--no-progress", "--no-sample", *base]) == 0
     a = tmp_path / "a"
@@ -46,6 +47,7 @@ def test_train_writes_run_dir_and_resumes_after_kill(tmp_path, corpus):
         assert (a / f).exists(), f
     model, tok = load_checkpoint(a)
     assert model.cfg.n_future == 2 and tok.vocab_size == model.cfg.vocab_size
+    assert model.cfg.head_type == head_type
     # same run, killed with SIGKILL right after step 5 (last checkpoint: step 4), then resumed
     b = tmp_path / "b"
     r = cli(["train", "--out", str(b), "--no-progress", "--no-sample", *base],
