@@ -38,6 +38,7 @@ from multitoken.experiments.common import (
     validation_windows,
 )
 from multitoken.experiments.exp_induction import InductionExperiment
+from multitoken.experiments.exp_ntp_vs_mtp import NtpVsMtpExperiment
 from multitoken.tokenizer import ByteTokenizer
 
 
@@ -172,6 +173,98 @@ def test_ntp_vs_mtp_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
             assert 1.0 <= r["tokens_per_forward"] <= n
 
 
+def test_ntp_vs_mtp_sweeps_both_head_types_side_by_side_and_continues(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    args = ["ntp-vs-mtp", "--scale", "test", "--no-progress", "--out", str(out),
+            "--head-types", "token_conditioned,transformer"]
+    rc, stdout, err = run_cli(args, capsys)
+    assert rc == 0, err
+    last = check_outputs("ntp-vs-mtp", out, stdout)
+    rows = {(r["head_type"], r["n_future"]): r for r in last["results"]}
+    assert len(rows) == len(last["results"]) == 7  # n=1 once, n=2, 4, 8 for each type
+    assert sorted(rows) == [("token_conditioned", n) for n in (2, 4, 8)] + [
+        ("transformer", n) for n in (1, 2, 4, 8)]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        ["n1-s0", *(f"{t}n{n}-s0" for t in ("", "token_conditioned-") for n in (2, 4, 8))])
+    dim = exp_ntp_vs_mtp.SCALES["test"].dim
+    for n in (2, 4, 8):
+        r = rows["token_conditioned", n]
+        # Each module k >= 2: a 2D x D projection and two norms beyond the parallel head.
+        assert r["params"] - rows["transformer", n]["params"] == (n - 1) * (2 * dim * dim + 2 * dim)
+        metrics = (out / "runs" / f"token_conditioned-n{n}-s0" / "metrics.jsonl").read_text()
+        val = [json.loads(x) for x in metrics.splitlines() if '"val"' in x][-1]
+        assert r["bits_per_byte"] == pytest.approx(val["head_loss"][0] / math.log(2))
+        assert len(r["head_bits_per_byte"]) == n
+        assert 1.0 <= r["tokens_per_forward"] <= n  # chain decoding of the modules
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["command"].endswith(" --head-types transformer,token_conditioned")
+    table = (out / "results.md").read_text()
+    for cells in ["| - (n=1) | 1 | 8+1 |", "| transformer | 4 | 5+4 |",
+                  "| token_conditioned | 4 | 5+4 |"]:
+        assert cells in table
+    # Stopped after training token_conditioned n=4, before evaluating it: continued, the same.
+    (out / "runs" / "token_conditioned-n4-s0" / "result.json").unlink()
+    (out / "results.json").unlink()
+    kept = (out / "runs" / "token_conditioned-n8-s0" / "result.json").read_text()
+    rc, stdout, err = run_cli(args, capsys)
+    assert rc == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["results"] == last["results"]
+    assert (out / "runs" / "token_conditioned-n8-s0" / "result.json").read_text() == kept
+    # The default head types into the same folder: other settings, and the message says which.
+    (out / "results.json").unlink()
+    rc, _, err = run_cli(args[:-2], capsys)
+    assert rc == 2 and "options --head-types transformer,token_conditioned" in err
+
+
+def test_ntp_vs_mtp_default_head_types_keep_earlier_sweeps_jobs(tmp_path: Path) -> None:
+    """Without --head-types (or with transformer alone) the jobs, names and plan options are
+    those of sweeps run before head types could be chosen, so their folders still continue."""
+    exp, scale = NtpVsMtpExperiment(), exp_ntp_vs_mtp.SCALES["test"]
+    jobs = exp.jobs(scale, [0, 1], tmp_path)
+    assert [j.key for j in jobs] == [f"n{n}-s{s}" for s in (0, 1) for n in (1, 2, 4, 8)]
+    assert {j.cfg.model.head_type for j in jobs} == {"transformer"}
+    assert exp.options(scale) == exp.options(exp.with_head_types(scale, "transformer")) == ""
+    both = exp.with_head_types(scale, " token_conditioned,transformer")
+    assert both.head_types == ("transformer", "token_conditioned")
+    jobs = exp.jobs(both, [0], tmp_path)
+    assert [(j.key, j.cfg.model.head_type, j.info["head_type"]) for j in jobs[:3]] == [
+        ("n1-s0", "transformer", "transformer"), ("n2-s0", "transformer", "transformer"),
+        ("token_conditioned-n2-s0", "token_conditioned", "token_conditioned")]
+    only = exp.jobs(exp.with_head_types(scale, "token_conditioned"), [0], tmp_path)
+    assert [j.key for j in only] == ["n1-s0"] + [f"token_conditioned-n{n}-s0" for n in (2, 4, 8)]
+
+
+def test_ntp_vs_mtp_table_and_plot_put_head_types_side_by_side(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def row(n: int, seed: int, bpb: float, head_type: str | None, params: int = 100_000
+            ) -> dict[str, Any]:
+        r = {"n_future": n, "params": params, "seed": seed, "dim": 32, "n_layers": 9,
+             "bits_per_byte": bpb, "tokens_per_forward": None if n == 1 else 1.5,
+             "distinct_8": 0.5, "distinct_8_heldout": 0.9}
+        return r if head_type is None else {**r, "head_type": head_type}
+
+    # Rows of an earlier sweep have no head_type: theirs are the parallel heads.
+    rows = [row(1, s, 2.0 + s, None) for s in (0, 1)] + [row(2, s, 2.5 + s, None) for s in (0, 1)]
+    rows += [row(2, s, 2.25 + s, "token_conditioned", 120_000) for s in (0, 1)]
+    table = NtpVsMtpExperiment().table(rows).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:5]]
+    assert [c[:4] for c in cells] == [["- (n=1)", "1", "8+1", "0.10M"],
+                                      ["transformer", "2", "7+2", "0.10M"],
+                                      ["token_conditioned", "2", "7+2", "0.12M"]]
+    assert [c[5] for c in cells] == ["-", "0.500 ± 0.000", "0.250 ± 0.000"]  # paired with n=1
+    drawn: list[dict[str, Any]] = []  # each panel's lines: label -> sorted points
+    monkeypatch.setattr(exp_ntp_vs_mtp, "errorbar_series", lambda ax, groups, label: drawn.append(
+        {label(k): sorted(v) for k, v in groups.items()}))
+    NtpVsMtpExperiment().plot(rows, tmp_path / "plot.png")
+    loss, speed = drawn
+    assert loss == {"transformer heads": [(1, [2.0, 3.0]), (2, [2.5, 3.5])],
+                    "token_conditioned heads": [(1, [2.0, 3.0]), (2, [2.25, 3.25])]}
+    assert sorted(speed) == ["token_conditioned heads: greedy chain",
+                             "transformer heads: greedy chain"]
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_byte_heads_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     last = run_experiment("byte-heads", tmp_path / "out", capsys)
     rows = last["results"]
@@ -198,6 +291,10 @@ def test_byte_heads_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (["induction", "--seeds", "1.5"], "--seeds"),
     (["induction", "--threads", "0"], "--threads"),
     (["induction", "--bogus"], "--bogus"),
+    (["ntp-vs-mtp", "--head-types", "bogus"], "unknown head type 'bogus'"),
+    (["ntp-vs-mtp", "--head-types", "transformer,transformer"], "named twice"),
+    (["ntp-vs-mtp", "--head-types", ""], "--head-types"),
+    (["induction", "--head-types", "token_conditioned"], "--head-types"),
     ([], "name"),
 ])
 def test_bad_arguments_are_one_error_line(args: list[str], message: str, tmp_path: Path,

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from multitoken.checkpoint import find_checkpoint
 from multitoken.config import (
     DataConfig,
+    HeadType,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -212,11 +213,13 @@ class CodeScale:
             raise ConfigError(f"prompt_len + new_tokens ({self.prompt_len} + {self.new_tokens}) "
                               f"exceeds seq_len ({self.seq_len})")
 
-    def run_config(self, n_future: int, seed: int, out: Path) -> RunConfig:
-        """The byte-level model with `n_future` heads at this scale, trained on the code corpus."""
+    def run_config(self, n_future: int, seed: int, out: Path,
+                   head_type: HeadType = "transformer") -> RunConfig:
+        """The byte-level model with `n_future` heads of `head_type` at this scale, trained on
+        the code corpus."""
         model = ModelConfig(vocab_size=ByteTokenizer.vocab_size, dim=self.dim,
                             n_layers=self.n_layers, n_heads=self.n_heads, n_future=n_future,
-                            max_seq_len=self.seq_len)
+                            head_type=head_type, max_seq_len=self.seq_len)
         return run_config(model, code_data(self.max_files, out), steps=self.steps,
                           batch_size=self.batch_size, seq_len=self.seq_len, seed=seed, lr=self.lr,
                           eval_batches=self.eval_batches)
@@ -286,6 +289,17 @@ class Experiment(ABC):
         """The result rows of one job (default: one row)."""
         return [{"n_future": job.n_future, "params": params, "seed": job.seed, **job.info,
                  **metrics}]
+
+    def with_head_types(self, scale: Any, head_types: str) -> Any:
+        """`scale` sweeping the head types `head_types` names (`--head-types`, comma-separated);
+        refused by experiments that sweep one head type."""
+        raise ConfigError(f"--head-types: experiment {self.name} has no choice of head type "
+                          "(ntp-vs-mtp has)")
+
+    def options(self, scale: Any) -> str:
+        """The command-line options beyond --quick, --seeds and --out that give `scale` ('' when
+        there are none): part of the sweep's command, and of its plan.json when not ''."""
+        return ""
 
     @abstractmethod
     def table(self, rows: Sequence[dict[str, Any]]) -> str:
@@ -387,7 +401,7 @@ def claim_out_dir(out: Path, plan: dict[str, Any], what: str, settings: str) -> 
             raise ConfigError(f"{out} is not empty and holds no unfinished {what}; choose a new "
                               "--out") from None
         if saved != plan:
-            shown = ", ".join(f"{k} {saved.get(k)}" for k in settings.split(", "))
+            shown = ", ".join(f"{k} {saved.get(k, 'none')}" for k in settings.split(", "))
             raise ConfigError(
                 f"{out} holds an unfinished {what} with other settings ({shown}); run the same "
                 "command again to continue it, or choose a new --out")

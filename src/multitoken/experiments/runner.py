@@ -1,5 +1,5 @@
-"""`multitoken experiment NAME [--quick] [--seeds N] [--out DIR]`: the paper's small-scale
-experiments, one command each.
+"""`multitoken experiment NAME [--quick] [--seeds N] [--out DIR] [--head-types T,..]`: the
+paper's small-scale experiments, one command each.
 
 Each experiment generates its data from the seed, trains every configuration of its sweep with
 `multitoken.train.train` (the code path of `multitoken train`, so a sweep also runs under
@@ -14,6 +14,9 @@ torchrun), loads each checkpoint, evaluates it, and writes into DIR:
 
 The last line printed is one JSON object {"experiment": NAME, "results": [row, ...]}, a row per
 configuration and seed: {"n_future", "params" (non-embedding), "seed", <metrics>...}.
+
+`--head-types` (ntp-vs-mtp only) sweeps several head types side by side; without it, or with
+`transformer` alone, the sweep, its folders and its plan are those of earlier versions.
 
 A sweep stopped part way (Ctrl-C saves the running configuration's checkpoint) continues when
 the same command is run again with the same --out: finished configurations are not redone.
@@ -88,25 +91,32 @@ def _record(out: Path, job: Job) -> Path:
 
 
 def run_sweep(exp: Experiment, scale_name: str, n_seeds: int | None, out: Path,
-              progress: bool = True, group: DistGroup | None = None) -> dict[str, Any]:
+              progress: bool = True, group: DistGroup | None = None,
+              head_types: str | None = None) -> dict[str, Any]:
     """The whole sweep; returns what results.json holds (written, with the table and figure).
 
     Under torchrun (`group` joined by every rank), every rank trains every job together (the
     trainer reuses the group) and evaluates it; rank 0 alone checks and writes DIR, and decides
-    which jobs a continued sweep skips, so that all ranks skip the same ones.
+    which jobs a continued sweep skips, so that all ranks skip the same ones. `head_types`:
+    `--head-types` (None: the experiment's default).
     """
     group = group or DistGroup()
     t0 = time.perf_counter()
     scale = exp.scale(scale_name)
+    if head_types is not None:
+        scale = exp.with_head_types(scale, head_types)
+    options = exp.options(scale)
     seeds = list(range(n_seeds if n_seeds is not None else exp.default_seeds(scale)))
     out = out.resolve()
     jobs = exp.jobs(scale, seeds, out)
     plan = json.loads(json.dumps({
         "experiment": exp.name, "scale": scale_name, "seeds": seeds,
+        **({"options": options} if options else {}),  # absent: plans of earlier versions match
         "jobs": {j.key: to_dict(j.cfg) for j in jobs}}))
     finished: set[str] = set()
     with group.agreement():  # rank 0's verdict on DIR: every rank goes on, or every rank stops
-        if group.is_main and claim_out_dir(out, plan, "sweep", "experiment, scale, seeds"):
+        if group.is_main and claim_out_dir(out, plan, "sweep",
+                                          "experiment, scale, seeds, options"):
             finished = {j.key for j in jobs if _record(out, j).is_file()}
     finished = group.broadcast_object(finished)
     rows: list[dict[str, Any]] = []
@@ -124,7 +134,8 @@ def run_sweep(exp: Experiment, scale_name: str, n_seeds: int | None, out: Path,
             rows.extend(record["rows"])
             bar.update(1)
     command = f"multitoken experiment {exp.name}" + {"full": "", "quick": " --quick"}.get(
-        scale_name, f" --scale {scale_name}") + f" --seeds {len(seeds)} --out {out}"
+        scale_name, f" --scale {scale_name}") + f" --seeds {len(seeds)} --out {out}" + (
+        f" {options}" if options else "")
     summary = {"experiment": exp.name, "scale": scale_name, "seeds": seeds, "command": command,
                "wall_time_s": round(time.perf_counter() - t0 + earlier_s, 1), "results": rows}
     if group.is_main:
@@ -159,6 +170,10 @@ def build_parser() -> cliargs.ArgumentParser:
     p.add_argument("--threads", type=cliargs.positive_int, default=1,
                    help="torch CPU threads for training and evaluation (default 1: these models "
                    "are small, and a second thread on a busy machine costs far more than it gains)")
+    p.add_argument("--head-types", default=None, metavar="T,..",
+                   help="ntp-vs-mtp only: the head types to sweep side by side, comma-separated, "
+                   "from transformer (the paper's parallel heads) and token_conditioned "
+                   "(DeepSeek-V3's MTP modules); default transformer. n=1 is one model for all")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--scale", choices=SCALES, default=None, help=argparse.SUPPRESS)
     return p
@@ -175,7 +190,8 @@ def main(argv: list[str]) -> int:
     try:
         # Under torchrun: one process group for the whole sweep (the trainer joins it).
         with join(ParallelConfig()) as group:
-            summary = run_sweep(exp, scale, args.seeds, out, not args.no_progress, group)
+            summary = run_sweep(exp, scale, args.seeds, out, not args.no_progress, group,
+                                args.head_types)
     except TrainingInterrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"interrupted by {signal.Signals(e.signum).name}: {e.run_dir} saved at step "
