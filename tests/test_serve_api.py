@@ -3,6 +3,7 @@ errors) and raw HTTP for malformed input; the server runs in-process on a free p
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -251,3 +252,25 @@ def test_disconnect_while_waiting_non_streaming(ckpt):
         assert seq.tokens == []  # dropped from the queue, never prefilled
     finally:
         srv.stop()
+
+
+def test_token_ids_stream_and_not(server, ckpt):
+    """`return_token_ids`: every token exactly once, in order, in the stream as in one body
+    (a step whose text is held back still sends its ids), and the count is usage's."""
+    want = reference(ckpt, PROMPT, 40)[1].tokens[0]
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "temperature": 0,
+            "return_token_ids": True}
+    r = httpx.post(server.base_url + "/completions", json=body, timeout=30).json()
+    assert r["choices"][0]["token_ids"] == want
+    assert r["usage"]["completion_tokens"] == len(want)
+    ids: list[int] = []
+    with httpx.stream("POST", server.base_url + "/completions", timeout=30,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                obj = json.loads(line[6:])
+                for c in obj["choices"]:
+                    ids += c["token_ids"]
+                if obj.get("usage"):
+                    assert obj["usage"]["completion_tokens"] == len(want)
+    assert ids == want

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers_decode import one_thread, random_model, trained_model  # noqa: F401 - fixture
-from multitoken.commands.serve import choose_tree
+from multitoken.commands.serve import choose_tree, setting_trees
 from multitoken.decoding.generate import generate
 from multitoken.decoding.sampling import Sampling
 from multitoken.decoding.tree import Tree, default_tree
@@ -170,3 +170,57 @@ def test_a_failing_step_fails_its_sequences_and_the_loop_goes_on():
     assert run(sched, [Sequence([1, 2, 3], 10, Sampling())])[0] == reference(
         model, Tree.chain(2), [1, 2, 3], 10)
     assert sched.drain(5)
+
+
+def test_per_setting_tree_alone_and_mixed():
+    """A setting with its own calibrated tree runs it when its rows are alone (== generate()
+    with that tree, seeded draws included); a mixed batch runs the base tree, and rows whose
+    drafts were made for the other tree draft again (greedy rows still near-identical)."""
+    model = trained_model(vocab=16)
+    s = Sampling(0.9, 8, 0.95)
+    own = Tree(default_tree(3))
+    sched = Scheduler(model, ByteTokenizer(), Tree.chain(1), max_batch=4,
+                      setting_trees={s.label: own})
+    used: list[int] = []
+    real = sched.decoder.step
+    sched.decoder.step = lambda n, pos, groups, ti=0: (used.append(ti), real(n, pos, groups,
+                                                                              ti))[1]
+    sched.start()
+    try:
+        g = torch.Generator().manual_seed(5)
+        want = reference(model, own, PROMPTS[0], 30, temperature=0.9, top_k=8, top_p=0.95,
+                         generator=g)
+        assert run(sched, [Sequence(PROMPTS[0], 30, s, seed=5)])[0] == want
+        assert set(used) == {1}
+        solo = [reference(model, Tree.chain(1), p, 20) for p in PROMPTS]
+        assert run(sched, [Sequence(PROMPTS[0], 20, Sampling())])[0] == solo[0]
+        assert set(used[-1:]) == {0}
+        used.clear()
+        # the sampled row starts alone (its tree), then greedy rows join (the base tree)
+        first = threading.Event()
+        long = Sequence([1, 2, 3], 60, s, seed=1, sink=lambda e: first.set())
+        sched.submit([long])
+        assert first.wait(10)
+        out = run(sched, [Sequence(p, 20, Sampling()) for p in PROMPTS])
+        assert sum(o == w for o, w in zip(out, solo)) >= 2, (out, solo)
+        tick = threading.Event()  # never set: a sleep
+        while long.finish_reason is None:
+            tick.wait(0.02)
+        assert len(long.tokens) == 60 and 0 in used
+    finally:
+        assert sched.drain(10)
+
+
+def test_setting_trees():
+    m4 = random_model()
+    cal = {"best_mode": "chain", "best_k": 2, "tree": [[0], [0, 0]], "sampling": {
+        "T=0.8": {"best_mode": "tree", "best_k": 3, "tree": [[0], [1], [0, 0]]},
+        "T=1": {"best_mode": "chain", "best_k": 9, "tree": [[0]]},
+        "T=0.5": {"best_mode": "off", "best_k": 1, "tree": [[0]]}}}
+    base = choose_tree(m4, "auto", cal)[0]
+    got = setting_trees(m4, "auto", base, cal)
+    assert got["T=0.8"].paths == [(0,), (0, 0), (1,)]
+    assert got["T=1"].paths == Tree.chain(3).paths  # capped at the model's draft heads
+    assert "T=0.5" not in got  # "off": the base tree serves it
+    assert setting_trees(m4, "chain-2", base, cal) == {}
+    assert setting_trees(m4, "auto", None, cal) == {}

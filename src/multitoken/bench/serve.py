@@ -2,44 +2,56 @@
 speculation on (`--speculate`, default auto) and off, side by side in one run.
 
 For each mode a server process is started on a free port (same checkpoint, same options but
---speculate), the same list of requests is sent to it, and the server is stopped with SIGTERM
-(its drain is part of the run). Requests: prompts are token-id slices of the checkpoint's
+--speculate), the same requests are sent to it, and the server is stopped with SIGTERM (its
+drain is part of the run). Requests: prompts are token-id slices of the checkpoint's
 validation split (held out; else the Python standard library's source, tokenized), lengths
 drawn uniformly from --prompt-len MIN,MAX; max_tokens from --max-tokens MIN,MAX; a share
 --sampled of them sampled (--temperature, --top-p, each with its own seed), the rest greedy.
 Arrivals: closed loop (--clients workers, each sending its next request when the last one is
 answered) or Poisson (--rate requests/s, at most --clients in flight). All requests stream.
+--requests N sends N per mode; --duration S instead keeps sending new ones for S seconds (a
+soak; --skip-off: the speculative mode only). --disconnect-share F: that share of the clients
+hang up at random mid-stream (counted apart, not failures). The client side, the token-integrity
+check and the memory verdict are described in `bench/serve_load.py`.
 
-Per mode: tokens/s (completion tokens of all requests / wall time from first send to last
+Per mode: tokens/s (completion tokens of completed requests / wall time from first send to last
 answer), requests/s, TTFT (send -> first text) and inter-token latency (per request: (last
 text - first text) / (completion tokens - 1)) at p50 / p99 over requests, failed requests,
-and the server's speculative tokens per forward (from its /metrics). Greedy outputs of the two
-modes are compared text for text (`greedy_equal`): equal unless batch composition changed
+disconnects, lost / duplicated tokens, the server's resident memory (start, after warm-up,
+peak, end, verdict; sampled every --rss-interval s), rows still held after the load, and the
+server's speculative tokens per forward (from its /metrics). Greedy outputs of the two modes
+are compared text for text (`greedy_equal`): equal unless batch composition changed
 floating-point rounding (docs/serving.md).
 
 Last line: one JSON object
-  {"checkpoint", "clients", "requests", "arrival", "rate", "prompt_len": [min, max],
-   "max_tokens": [min, max], "sampled_share", "sampling": {"temperature", "top_p"},
-   "runs": [{"speculate", "speculation" (what the server ran), "requests", "failed",
-             "completion_tokens", "wall_s", "tokens_per_s", "requests_per_s",
-             "ttft_s": {"p50", "p99"}, "itl_s": {"p50", "p99"}, "tokens_per_forward",
-             "prefill_ms_mean", "decode_step_ms_mean": the scheduler's mean prefill work per
-             iteration that had some, and mean decode step (server /metrics), "errors"}],
-   "speedup": tokens/s on over off, "greedy_equal": share of greedy requests with equal text}
+  {"checkpoint", "clients", "requests" (per mode; with --duration: null), "duration_s",
+   "arrival", "rate", "prompt_len": [min, max], "max_tokens": [min, max], "sampled_share",
+   "disconnect_share", "sampling": {"temperature", "top_p"},
+   "runs": [{"speculate", "speculation" (what the server ran), "requests" (sent),
+             "completed", "disconnected", "failed", "completion_tokens", "wall_s",
+             "tokens_per_s", "requests_per_s", "ttft_s": {"p50", "p99"},
+             "itl_s": {"p50", "p99"}, "tokens_per_forward", "prefill_ms_mean",
+             "decode_step_ms_mean": the scheduler's mean prefill work per iteration that had
+             some, and mean decode step (server /metrics),
+             "integrity": {"checked", "lost_tokens", "duplicated_tokens", "text_mismatch"},
+             "server_cancelled": sequences the server finished as cancelled,
+             "rows_leaked": rows running or waiting 5 s after the load ended,
+             "rss_mb": {"start", "warm", "peak", "end", "growth_mb_per_min", "tolerance",
+                        "verdict": bounded | growing | n/a, "samples": [[s, MiB], ...]},
+             "errors"}],
+   "speedup": tokens/s on over off (null with --skip-off),
+   "greedy_equal": share of greedy requests with equal text}
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,29 +60,18 @@ import numpy as np
 
 from multitoken import cliargs
 from multitoken.bench.common import format_table, print_json
+from multitoken.bench.serve_load import (
+    WARMUP_SHARE,
+    RequestMix,
+    Result,
+    RssSampler,
+    integrity,
+    rss_summary,
+    run_load,
+)
 from multitoken.checkpoint import CONFIG, TOKENIZER, find_checkpoint, model_config_from, read_config
 from multitoken.errors import ConfigError, MultitokenError
 from multitoken.tokenizer import Tokenizer, load_tokenizer
-
-
-@dataclass
-class Req:
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float | None
-    seed: int | None
-
-
-@dataclass
-class Result:
-    ok: bool = False
-    text: str = ""
-    tokens: int = 0
-    ttft: float | None = None
-    itl: float | None = None
-    error: str = ""
-    times: list[float] = field(default_factory=list)
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -111,6 +112,19 @@ def build_parser() -> cliargs.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix (default 0)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take before it counts as failed (default 600)")
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="seconds of load per mode: new requests keep coming for that long "
+                   "(a soak; --requests is then ignored; default 0: send --requests)")
+    p.add_argument("--skip-off", action="store_true",
+                   help="run the speculative mode only (a soak of the default server)")
+    p.add_argument("--disconnect-share", type=float, default=0.0,
+                   help="share of requests whose client hangs up at random mid-stream "
+                   "(counted apart, not as failures; default 0)")
+    p.add_argument("--rss-interval", type=float, default=2.0,
+                   help="seconds between samples of the server's resident memory (default 2)")
+    p.add_argument("--rss-tolerance", type=float, default=0.10,
+                   help="'bounded' when the last RSS sample is at most the level after "
+                   "warm-up times 1 + this (default 0.10)")
     p.add_argument("--out-png", default=None, help="plot path (default: none)")
     cliargs.add_device_argument(p)
     cliargs.add_dtype_argument(p)
@@ -138,20 +152,6 @@ def _corpus(checkpoint: str, tokenizer: Tokenizer) -> np.ndarray:
     return np.asarray(tokenizer.encode(text))
 
 
-def make_requests(args: Any, tokens: np.ndarray, context: int) -> list[Req]:
-    rng = random.Random(args.seed)
-    reqs = []
-    for i in range(args.requests):
-        n = min(rng.randint(*args.prompt_len), context // 2, len(tokens) - 1)
-        start = rng.randrange(0, len(tokens) - n)
-        m = min(rng.randint(*args.max_tokens), context - n)
-        sampled = rng.random() < args.sampled
-        reqs.append(Req([int(t) for t in tokens[start:start + n]], m,
-                        args.temperature if sampled else 0.0,
-                        args.top_p if sampled else None, args.seed + i if sampled else None))
-    return reqs
-
-
 # ---------------------------------------------------------------------------------------------
 # One mode: a server process and the load.
 
@@ -159,7 +159,7 @@ def make_requests(args: Any, tokens: np.ndarray, context: int) -> list[Req]:
 def start_server(args: Any, speculate: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "multitoken", "serve", "--checkpoint", args.checkpoint,
            "--port", "0", "--speculate", speculate, "--max-batch", str(args.max_batch),
-           "--max-queue", str(args.requests * 16 + 64), "--threads", str(args.threads),
+           "--max-queue", str(max(args.requests, args.clients) * 16 + 64), "--threads", str(args.threads),
            "--device", args.device, "--dtype", args.dtype, "--model-name", "bench"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -181,81 +181,6 @@ def start_server(args: Any, speculate: str) -> tuple[subprocess.Popen, str]:
     raise MultitokenError("the server did not answer /health within 60 s")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, r: Req, timeout: float) -> Result:
-    body: dict[str, Any] = {"model": "bench", "prompt": r.prompt, "max_tokens": r.max_tokens,
-                            "temperature": r.temperature, "stream": True,
-                            "stream_options": {"include_usage": True}}
-    if r.top_p is not None:
-        body["top_p"] = r.top_p
-    if r.seed is not None:
-        body["seed"] = r.seed
-    res = Result()
-    t0 = time.perf_counter()
-    done = False
-    try:
-        async with client.stream("POST", url + "/v1/completions", json=body,
-                                 timeout=timeout) as resp:
-            if resp.status_code != 200:
-                res.error = f"HTTP {resp.status_code}"
-                return res
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    break
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    res.error = obj["error"].get("message", "error")
-                    return res
-                if obj.get("usage"):
-                    res.tokens = obj["usage"]["completion_tokens"]
-                for c in obj.get("choices", []):
-                    if c.get("text"):
-                        res.times.append(time.perf_counter() - t0)
-                        res.text += c["text"]
-    except (httpx.HTTPError, ValueError) as e:
-        res.error = f"{type(e).__name__}: {e}"
-        return res
-    res.ok = done
-    if res.times:
-        res.ttft = res.times[0]
-        if res.tokens > 1:
-            res.itl = (res.times[-1] - res.times[0]) / (res.tokens - 1)
-    return res
-
-
-async def run_load(url: str, reqs: list[Req], args: Any) -> tuple[list[Result], float]:
-    results: list[Result] = [Result() for _ in reqs]
-    limits = httpx.Limits(max_connections=args.clients + 4)
-    async with httpx.AsyncClient(limits=limits) as client:
-        t0 = time.perf_counter()
-        if args.arrival == "closed":
-            queue = list(range(len(reqs)))[::-1]
-
-            async def worker() -> None:
-                while queue:
-                    i = queue.pop()
-                    results[i] = await one_request(client, url, reqs[i], args.timeout)
-
-            await asyncio.gather(*(worker() for _ in range(args.clients)))
-        else:
-            sem = asyncio.Semaphore(args.clients)
-            rng = random.Random(args.seed + 1)
-
-            async def send(i: int) -> None:
-                async with sem:
-                    results[i] = await one_request(client, url, reqs[i], args.timeout)
-
-            tasks = []
-            for i in range(len(reqs)):
-                tasks.append(asyncio.create_task(send(i)))
-                await asyncio.sleep(rng.expovariate(args.rate))
-            await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
-    return results, wall
-
-
 def _metric(text: str, name: str) -> float:
     found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
@@ -271,11 +196,27 @@ def _pct(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) if xs else None
 
 
-def run_mode(args: Any, speculate: str, reqs: list[Req]) -> tuple[dict[str, Any], list[Result]]:
+def _leaked_rows(url: str, wait: float = 5.0) -> int:
+    """Rows running or waiting once the load is over (every client has finished or hung up):
+    0 unless a sequence outlived its client. Polled for `wait` seconds, since a hang-up is
+    noticed within a step or a disconnect poll."""
+    deadline = time.monotonic() + wait
+    while True:
+        stats = httpx.get(url + "/health", timeout=10).json()
+        busy = int(stats.get("running", 0)) + int(stats.get("waiting", 0))
+        if busy == 0 or time.monotonic() > deadline:
+            return busy
+        time.sleep(0.1)
+
+
+def run_mode(args: Any, speculate: str, mix: RequestMix,
+             tokenizer: Tokenizer) -> tuple[dict[str, Any], list[Result]]:
     proc, url = start_server(args, speculate)
     try:
         desc = httpx.get(url + "/v1/models").json()["data"][0].get("speculation", speculate)
-        results, wall = asyncio.run(run_load(url, reqs, args))
+        with RssSampler(proc.pid, args.rss_interval) as rss:
+            results, wall = asyncio.run(run_load(url, mix, args))
+            leaked = _leaked_rows(url)
         metrics = httpx.get(url + "/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -285,13 +226,15 @@ def run_mode(args: Any, speculate: str, reqs: list[Req]) -> tuple[dict[str, Any]
             proc.kill()
             proc.communicate()
     ok = [r for r in results if r.ok]
+    dropped = [r for r in results if r.disconnected]
     tokens = sum(r.tokens for r in ok)
     ttft = [r.ttft for r in ok if r.ttft is not None]
     itl = [r.itl for r in ok if r.itl is not None]
     rows = _metric(metrics, "multitoken_decode_row_steps_total")
-    run = {"speculate": speculate, "speculation": desc, "requests": len(reqs),
-           "failed": len(reqs) - len(ok), "completion_tokens": tokens, "wall_s": wall,
-           "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+    run = {"speculate": speculate, "speculation": desc, "requests": len(results),
+           "completed": len(ok), "disconnected": len(dropped),
+           "failed": len(results) - len(ok) - len(dropped), "completion_tokens": tokens,
+           "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
            "requests_per_s": len(ok) / wall if wall > 0 else 0.0,
            "ttft_s": {"p50": _pct(ttft, 50), "p99": _pct(ttft, 99)},
            "itl_s": {"p50": _pct(itl, 50), "p99": _pct(itl, 99)},
@@ -300,7 +243,12 @@ def run_mode(args: Any, speculate: str, reqs: list[Req]) -> tuple[dict[str, Any]
            # scheduler work per iteration: how long a prefill holds the running rows up
            "prefill_ms_mean": _mean_ms(metrics, "prefill"),
            "decode_step_ms_mean": _mean_ms(metrics, "decode"),
-           "errors": sorted({r.error for r in results if not r.ok})[:5]}
+           "integrity": integrity(results, tokenizer.decode, tokenizer.eos_id),
+           "server_cancelled": int(_metric(
+               metrics, 'multitoken_sequences_finished_total{reason="cancelled"}')),
+           "rows_leaked": leaked,
+           "rss_mb": rss_summary(rss.samples, args.rss_tolerance),
+           "errors": sorted({r.error for r in results if r.error and not r.ok})[:5]}
     return run, results
 
 
@@ -314,7 +262,7 @@ def _plot(path: Path, runs: list[dict[str, Any]], title: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = [r["speculate"] for r in runs]
-    fig, ax = plt.subplots(1, 3, figsize=(11, 3.4))
+    fig, ax = plt.subplots(1, 4, figsize=(14, 3.4))
     ax[0].bar(labels, [r["tokens_per_s"] for r in runs], color=["C0", "C1"][: len(runs)])
     ax[0].set_title("throughput (tokens/s)")
     for k, (key, name) in enumerate((("ttft_s", "TTFT (ms)"), ("itl_s", "inter-token (ms)"))):
@@ -325,42 +273,72 @@ def _plot(path: Path, runs: list[dict[str, Any]], title: str) -> None:
         a.set_xticks([x + 0.2 for x in range(len(runs))], labels)
         a.set_title(name)
         a.legend()
+    a = ax[3]
+    for j, r in enumerate(runs):
+        rss = r["rss_mb"]
+        pts = rss["samples"]
+        if pts:
+            a.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{j}",
+                   label=f"{r['speculate']}: {rss['verdict']}")
+        if rss["warm"] is not None:  # the bound the verdict allows
+            a.axhline(rss["warm"] * (1 + rss["tolerance"]), color=f"C{j}", ls=":", lw=0.8)
+    a.set_title("server RSS (MiB)")
+    a.set_xlabel("s")
+    a.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def _check(args: Any) -> None:
     if not 0.0 <= args.sampled <= 1.0:
         raise ConfigError(f"--sampled must be in [0, 1], got {args.sampled}")
+    if not 0.0 <= args.disconnect_share <= 1.0:
+        raise ConfigError(f"--disconnect-share must be in [0, 1], got {args.disconnect_share}")
     if args.arrival == "poisson" and not args.rate > 0:
         raise ConfigError(f"--rate must be > 0, got {args.rate}")
+    if not args.duration >= 0:
+        raise ConfigError(f"--duration must be >= 0, got {args.duration}")
+    if not args.rss_interval > 0 or not args.rss_tolerance >= 0:
+        raise ConfigError("--rss-interval must be > 0 and --rss-tolerance >= 0")
     if args.speculate == "off":
         raise ConfigError("--speculate off: the off run is always made; give the mode to "
                           "compare with it (auto, chain-K or tree)")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _check(args)
     ckpt = find_checkpoint(args.checkpoint)
     cfg = model_config_from(read_config(ckpt), ckpt / CONFIG)
     tokenizer = load_tokenizer(ckpt / TOKENIZER)
-    reqs = make_requests(args, _corpus(args.checkpoint, tokenizer), cfg.max_seq_len)
-    print(f"{len(reqs)} requests per mode, {args.clients} clients, {args.arrival} arrivals"
+    mix = RequestMix(args, _corpus(args.checkpoint, tokenizer), cfg.max_seq_len)
+    load = (f"for {args.duration:g} s per mode" if args.duration > 0
+            else f"{args.requests} requests per mode")
+    print(f"{load}, {args.clients} clients, {args.arrival} arrivals"
           + (f" at {args.rate:g}/s" if args.arrival == "poisson" else "")
           + f"; prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, max_tokens "
           f"{args.max_tokens[0]}-{args.max_tokens[1]}; {args.sampled:.0%} sampled "
-          f"(T={args.temperature:g}, top-p={args.top_p:g}), the rest greedy", flush=True)
+          f"(T={args.temperature:g}, top-p={args.top_p:g}), the rest greedy; "
+          f"{args.disconnect_share:.0%} of clients hang up mid-stream", flush=True)
     runs, outputs = [], []
-    for mode in (args.speculate, "off"):
-        run, results = run_mode(args, mode, reqs)
+    for mode in (args.speculate,) if args.skip_off else (args.speculate, "off"):
+        run, results = run_mode(args, mode, mix, tokenizer)
         runs.append(run)
         outputs.append(results)
-        print(f"  {mode}: done ({run['speculation']}), {run['failed']} failed", flush=True)
-    greedy = [i for i, r in enumerate(reqs) if r.temperature == 0.0
-              and outputs[0][i].ok and outputs[1][i].ok]
-    equal = (sum(outputs[0][i].text == outputs[1][i].text for i in greedy) / len(greedy)
-             if greedy else None)
-    on, off = runs
-    speedup = on["tokens_per_s"] / off["tokens_per_s"] if off["tokens_per_s"] else None
+        print(f"  {mode}: done ({run['speculation']}), {run['requests']} requests, "
+              f"{run['failed']} failed, {run['disconnected']} disconnected", flush=True)
+    equal = greedy = None
+    if len(runs) == 2:
+        n = min(len(o) for o in outputs)
+        greedy = [i for i in range(n) if mix[i].temperature == 0.0
+                  and outputs[0][i].ok and outputs[1][i].ok]
+        equal = (sum(outputs[0][i].text == outputs[1][i].text for i in greedy) / len(greedy)
+                 if greedy else None)
+    speedup = None
+    if len(runs) == 2 and runs[1]["tokens_per_s"]:
+        speedup = runs[0]["tokens_per_s"] / runs[1]["tokens_per_s"]
 
     def ms(x: float | None) -> float | None:
         return None if x is None else x * 1e3
@@ -373,23 +351,38 @@ def main(argv: list[str]) -> int:
           r["requests_per_s"], ms(r["ttft_s"]["p50"]), ms(r["ttft_s"]["p99"]),
           ms(r["itl_s"]["p50"]), ms(r["itl_s"]["p99"]), r["tokens_per_forward"],
           r["prefill_ms_mean"], r["decode_step_ms_mean"]] for r in runs]))
-    print(f"speedup (tokens/s, {args.speculate} over off): "
-          + ("-" if speedup is None else f"{speedup:.2f}x")
-          + "; greedy requests with equal text in both modes: "
-          + ("-" if equal is None else f"{equal:.0%} of {len(greedy)}"))
+    print()
+    print(format_table(
+        ["mode", "requests", "completed", "disconnected", "failed", "cancelled (server)",
+         "rows leaked", "lost tok", "dup tok", "text mismatch", "RSS start MiB",
+         "RSS warm MiB", "RSS peak MiB", "RSS end MiB", "memory"],
+        [[r["speculate"], r["requests"], r["completed"], r["disconnected"], r["failed"],
+          r["server_cancelled"], r["rows_leaked"], r["integrity"]["lost_tokens"],
+          r["integrity"]["duplicated_tokens"], r["integrity"]["text_mismatch"],
+          r["rss_mb"]["start"], r["rss_mb"]["warm"], r["rss_mb"]["peak"], r["rss_mb"]["end"],
+          r["rss_mb"]["verdict"]] for r in runs]))
+    if len(runs) == 2:
+        print(f"speedup (tokens/s, {args.speculate} over off): "
+              + ("-" if speedup is None else f"{speedup:.2f}x")
+              + "; greedy requests with equal text in both modes: "
+              + ("-" if equal is None else f"{equal:.0%} of {len(greedy or [])}"))
+    print(f"memory: 'bounded' = the last RSS sample <= the highest of the first "
+          f"{WARMUP_SHARE:.0%} of samples x {1 + args.rss_tolerance:g}")
     for r in runs:
         if r["errors"]:
             print(f"errors ({r['speculate']}): {'; '.join(r['errors'])}")
     if args.out_png:
-        _plot(Path(args.out_png), runs, f"{ckpt.name}: {args.clients} clients, "
-              f"{args.requests} requests, {args.sampled:.0%} sampled")
+        load = f"{args.duration:g} s" if args.duration > 0 else f"{args.requests} requests"
+        _plot(Path(args.out_png), runs, f"{ckpt.name}: {args.clients} clients, {load}, "
+              f"{args.sampled:.0%} sampled, {args.disconnect_share:.0%} hang up")
         print(f"wrote {args.out_png}")
     sys.stdout.flush()
     print_json({"checkpoint": str(args.checkpoint), "clients": args.clients,
-                "requests": args.requests, "arrival": args.arrival,
+                "requests": None if args.duration > 0 else args.requests,
+                "duration_s": args.duration or None, "arrival": args.arrival,
                 "rate": args.rate if args.arrival == "poisson" else None,
                 "prompt_len": list(args.prompt_len), "max_tokens": list(args.max_tokens),
-                "sampled_share": args.sampled,
+                "sampled_share": args.sampled, "disconnect_share": args.disconnect_share,
                 "sampling": {"temperature": args.temperature, "top_p": args.top_p},
                 "runs": runs, "speedup": speedup, "greedy_equal": equal})
     return 0

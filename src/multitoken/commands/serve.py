@@ -43,8 +43,8 @@ def speculate_arg(text: str) -> str:
 def choose_tree(model: MultiTokenModel, spec: str,
                 calib: dict[str, Any] | None) -> tuple[Tree | None, str]:
     """The draft tree every step of the batch runs (None: plain decoding) and its description.
-    auto: the stored calibration's greedy choice (one tree serves every sampling setting of a
-    mixed batch), else a chain of all draft heads; plain for n_future=1. Token-conditioned
+    auto: the stored calibration's greedy choice (the base tree: it serves a batch of mixed
+    settings; `setting_trees` gives the per-setting ones), else a chain of all draft heads; plain for n_future=1. Token-conditioned
     heads are served with plain decoding (their drafter is not built for per-row batches)."""
     n = model.n_future
     if spec == "off":
@@ -78,6 +78,25 @@ def choose_tree(model: MultiTokenModel, spec: str,
         return None, "off (calibrated)"
     k = min(int(calib.get("best_k", n - 1)), n - 1)
     return Tree.chain(k), f"chain-{k} (calibrated)"
+
+
+def setting_trees(model: MultiTokenModel, spec: str, base: Tree | None,
+                  calib: dict[str, Any] | None) -> dict[str, Tree]:
+    """With --speculate auto, the tree each calibrated sampling setting (`calibrate --sampling`)
+    chose, by `Sampling.label`: a step whose rows all share that setting runs it instead of the
+    base tree (`Scheduler`). None for a setting calibrated "off" (it keeps the base tree: plain
+    steps would leave no drafts to switch back with), nor when the base is plain."""
+    if spec != "auto" or base is None or not calib:
+        return {}
+    n = model.n_future
+    out: dict[str, Tree] = {}
+    for label, part in (calib.get("sampling") or {}).items():
+        mode = part.get("best_mode", "chain")
+        if mode == "tree":
+            out[label] = Tree(part["tree"], max_depth=n - 1)
+        elif mode == "chain":
+            out[label] = Tree.chain(min(int(part.get("best_k", n - 1)), n - 1))
+    return out
 
 
 class _Server(uvicorn.Server):
@@ -134,9 +153,15 @@ def build_state(args: Any) -> ServerState:
     model.eval()
     calib = load_calibration(args.checkpoint, model.tok_embeddings.weight.dtype)
     tree, desc = choose_tree(model, args.speculate, calib)
+    per_setting = setting_trees(model, args.speculate, tree, calib)
+    if per_setting:
+        desc += "; when every running request has one setting, its own: " + ", ".join(
+            f"{label}: " + (f"chain-{t.depth}" if t.is_chain else "tree")
+            for label, t in per_setting.items())
     metrics = Metrics()
     sched = Scheduler(model, tokenizer, tree, max_batch=args.max_batch, max_queue=args.max_queue,
-                      prefill_tokens=args.prefill_tokens, metrics=metrics, seed=args.seed)
+                      prefill_tokens=args.prefill_tokens, metrics=metrics, seed=args.seed,
+                      setting_trees=per_setting)
     ckpt = find_checkpoint(args.checkpoint)
     name = args.model_name or Path(args.checkpoint).resolve().name
     chat = ChatTemplate.for_checkpoint(ckpt, tokenizer)

@@ -162,8 +162,8 @@ def _sequences(state: ServerState, req: Any, prompts: list[list[int]], max_token
 class _Run:
     """The sequences of one request, their events delivered into the event loop."""
 
-    def __init__(self, state: ServerState, seqs: list[Sequence]) -> None:
-        self.seqs = seqs
+    def __init__(self, state: ServerState, seqs: list[Sequence], request: BaseModel) -> None:
+        self.seqs, self.request = seqs, request
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for i, s in enumerate(seqs):
@@ -224,17 +224,21 @@ async def _answer(request: Request, state: ServerState, run: _Run, prompts: list
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
+    ids = bool(getattr(run.request, "return_token_ids", False))
     if stream:
-        return StreamingResponse(_stream(state, run, prompts, chat, include_usage, rid, created),
+        return StreamingResponse(_stream(state, run, prompts, chat, include_usage, ids, rid,
+                                         created),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     texts = [""] * len(run.seqs)
+    tokens: list[list[int]] = [[] for _ in run.seqs]
     reasons: list[str | None] = [None] * len(run.seqs)
     completion = 0
     watcher = asyncio.create_task(_watch_disconnect(request, run))
     try:
         async for i, e in run.events():
             texts[i] += e.text
+            tokens[i] += e.tokens
             if e.finish_reason is not None:
                 if e.finish_reason not in ("stop", "length"):
                     run.cancel()
@@ -251,6 +255,9 @@ async def _answer(request: Request, state: ServerState, run: _Run, prompts: list
     else:
         choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                    for i, (t, r) in enumerate(zip(texts, reasons))]
+    if ids:
+        for c, tk in zip(choices, tokens):
+            c["token_ids"] = tk
     return JSONResponse({"id": rid, "object": obj, "created": created,
                          "model": state.model_name, "choices": choices,
                          "usage": _usage(prompts, completion)})
@@ -261,11 +268,13 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 
 async def _stream(state: ServerState, run: _Run, prompts: list[list[int]], chat: bool,
-                  include_usage: bool, rid: str, created: int) -> AsyncIterator[bytes]:
+                  include_usage: bool, ids: bool, rid: str,
+                  created: int) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     base = {"id": rid, "object": obj, "created": created, "model": state.model_name}
 
-    def chunk(i: int, text: str | None, reason: str | None, role: bool = False) -> bytes:
+    def chunk(i: int, text: str | None, reason: str | None, role: bool = False,
+              tokens: list[int] | None = None) -> bytes:
         if chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text:
@@ -273,6 +282,8 @@ async def _stream(state: ServerState, run: _Run, prompts: list[list[int]], chat:
             choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+        if ids:
+            choice["token_ids"] = tokens or []
         return _sse({**base, "choices": [choice]})
 
     completion = 0
@@ -282,8 +293,10 @@ async def _stream(state: ServerState, run: _Run, prompts: list[list[int]], chat:
                 yield chunk(i, "", None, role=True)
         async for i, e in run.events():
             if e.finish_reason is None:
-                if e.text:
-                    yield chunk(i, e.text, None)
+                # with token ids, a step whose text is held back (half a UTF-8 character, a
+                # possible stop string) still sends its ids: every token is sent exactly once
+                if e.text or (ids and e.tokens):
+                    yield chunk(i, e.text, None, tokens=e.tokens)
                 continue
             if e.finish_reason not in ("stop", "length"):
                 err = _failure(e)
@@ -291,7 +304,7 @@ async def _stream(state: ServerState, run: _Run, prompts: list[list[int]], chat:
                 run.cancel()
                 break
             completion += e.completion_tokens
-            yield chunk(i, e.text, e.finish_reason)
+            yield chunk(i, e.text, e.finish_reason, tokens=e.tokens)
         else:
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(prompts, completion)})
@@ -367,7 +380,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = _prompts(state, req.prompt)
         limits = [_check_prompt(state, p, req.max_tokens, 16) for p in prompts]
         seqs = _sequences(state, req, prompts, limits, encode_stop(req.stop))
-        run = _Run(state, seqs)
+        run = _Run(state, seqs, req)
         m.requests.labels(request.url.path, "200").inc()
         include = bool(req.stream_options and req.stream_options.include_usage)
         return await _answer(request, state, run, prompts, False, req.stream, include)
@@ -378,7 +391,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompt = _chat_prompt(state, req)
         limit = _check_prompt(state, prompt, req.max_completion_tokens or req.max_tokens, None)
         stops = encode_stop(req.stop) + state.chat.stop
-        run = _Run(state, _sequences(state, req, [prompt], [limit], stops))
+        run = _Run(state, _sequences(state, req, [prompt], [limit], stops), req)
         m.requests.labels(request.url.path, "200").inc()
         include = bool(req.stream_options and req.stream_options.include_usage)
         return await _answer(request, state, run, [prompt], True, req.stream, include)

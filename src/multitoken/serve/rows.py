@@ -19,6 +19,10 @@ same arithmetic:
 Sampling stays exact per row: `verify` applies min(1, p/q) with the residual to each group with
 that group's own p and q (see `decoding/sampling.py`).
 
+Trees: `trees[0]` is the base tree, the others per-setting ones; each step runs the one the
+scheduler names, and rows whose drafts were made for another tree draft again first (from the
+draft heads' outputs kept per row; see the scheduler's docstring).
+
 Rows: the running sequences occupy rows 0..n-1. A finishing row is replaced by the last one
 (`move`: one row of cache copied, not the whole batch), a newcomer takes row n. Prefill of
 newcomers runs on a view of their rows only, so it never touches running rows.
@@ -79,22 +83,35 @@ class RowDecoder:
     """Per-row decoding state over a preallocated cache of `max_rows` rows (see the module
     docstring). tree=None: plain decoding (head 1 only)."""
 
-    def __init__(self, model: MultiTokenModel, tree: Tree | None, max_rows: int) -> None:
-        self.model, self.tree = model, tree
-        self.engine = Engine(model, 1 if tree is None else tree.depth + 1)
-        self.width = 1 if tree is None else tree.size + 1
-        self.depth = 0 if tree is None else tree.depth
+    def __init__(self, model: MultiTokenModel, tree: Tree | None, max_rows: int,
+                 extra: tuple[Tree, ...] = ()) -> None:
+        # trees[0]: the base tree (the greedy calibration's); trees[1:]: per-setting ones a step
+        # may run instead (the scheduler picks one per step). None: plain decoding only.
+        self.model = model
+        self.trees: list[Tree] = [] if tree is None else [tree, *extra]
+        self.tree = tree
+        deepest = max((t.depth for t in self.trees), default=0)
+        # Every forward writes the keys/values of all the draft heads any tree needs, so a
+        # switch of tree finds every head's cache complete.
+        self.engine = Engine(model, deepest + 1)
+        self.width = max((t.size + 1 for t in self.trees), default=1)
+        self.depth = deepest
         self.device = self.engine.device
         # A row feeds positions < max_seq_len, plus one step's width of speculative tokens.
         self.cache = self.engine.new_cache(max_rows, model.cfg.max_seq_len + self.width)
         self.max_rows = max_rows
         self.root = torch.zeros(max_rows, dtype=torch.long, device=self.device)
-        n_nodes = 0 if tree is None else tree.size
+        n_nodes = max((t.size for t in self.trees), default=0)
         self.drafts = torch.zeros(max_rows, n_nodes, dtype=torch.long, device=self.device)
         # The draft distributions of sampled rows [max_rows, groups of the tree, V], made on
         # first use (a greedy-only server never holds them).
         self.q: Tensor | None = None
-        self.n_groups = 0 if tree is None else len(tree.tensors(self.device)["group_node"])
+        self.n_groups = max((len(t.tensors(self.device)["group_node"]) for t in self.trees),
+                            default=0)
+        # With several trees: each row's draft heads' outputs at its last accepted position
+        # [P-1, max_rows, D], to draft again for another tree, and the tree its drafts are for.
+        self.hidden: Tensor | None = None
+        self.made_for = [0] * max_rows
 
     # -- rows -----------------------------------------------------------------------------------
     def move(self, src: int, dst: int) -> None:
@@ -104,31 +121,70 @@ class RowDecoder:
         c.v[:, dst] = c.v[:, src]
         self.root[dst] = self.root[src]
         self.drafts[dst] = self.drafts[src]
+        self.made_for[dst] = self.made_for[src]
         if self.q is not None:
             self.q[dst] = self.q[src]
+        if self.hidden is not None:
+            self.hidden[:, dst] = self.hidden[:, src]
 
-    def _store_drafts(self, start: int, groups: list[Group], logits: Tensor, n: int) -> None:
-        """Propose the next drafts of rows start..start+n-1 from the draft heads' logits
-        [D, n, V], group by group."""
-        assert self.tree is not None
+    def _store_drafts(self, start: int, groups: list[Group], hidden: Tensor, n: int,
+                      ti: int) -> None:
+        """Propose the next drafts for trees[ti] of rows start..start+n-1 from the draft heads'
+        outputs hidden [P-1, n, D], group by group."""
+        tree = self.trees[ti]
+        if len(self.trees) > 1:
+            if self.hidden is None:
+                self.hidden = hidden.new_zeros(hidden.shape[0], self.max_rows, hidden.shape[-1])
+            self.hidden[:, start:start + n] = hidden
+        logits = self.engine.draft_logits(hidden[:tree.depth])
         for g in groups:
             idx = _index(g.rows, n, self.device)
-            d = propose(_take(logits, idx, 1), self.tree, g.sampling, g.generator)
+            d = propose(_take(logits, idx, 1), tree, g.sampling, g.generator)
             rows = torch.tensor(g.rows, device=self.device) + start
-            self.drafts[rows] = d.tokens
+            self.drafts[rows, :tree.size] = d.tokens
             if d.q is not None:
                 if self.q is None:
                     self.q = torch.zeros(self.max_rows, self.n_groups, d.q.shape[-1],
                                          device=self.device)
-                self.q[rows] = d.q
+                self.q[rows, :d.q.shape[1]] = d.q
+            for r in g.rows:
+                self.made_for[start + r] = ti
+
+    def _redraft(self, n: int, groups: list[Group], ti: int) -> None:
+        """Rows 0..n-1 whose drafts are for another tree than trees[ti] (the batch's mix of
+        settings changed) draft again for it, from their stored draft-head outputs."""
+        stale = [r for r in range(n) if self.made_for[r] != ti]
+        if not stale:
+            return
+        assert self.hidden is not None
+        where = {r: i for i, r in enumerate(stale)}
+        sub = [Group([where[r] for r in g.rows if r in where], g.sampling, g.generator)
+               for g in groups]
+        sub = [g for g in sub if g.rows]
+        idx = torch.tensor(stale, device=self.device)
+        hidden = self.hidden.index_select(1, idx)
+        tree = self.trees[ti]
+        logits = self.engine.draft_logits(hidden[:tree.depth])
+        for g in sub:
+            gi = _index(g.rows, len(stale), self.device)
+            d = propose(_take(logits, gi, 1), tree, g.sampling, g.generator)
+            rows = idx[torch.tensor(g.rows, device=self.device)]
+            self.drafts[rows, :tree.size] = d.tokens
+            if d.q is not None:
+                if self.q is None:
+                    self.q = torch.zeros(self.max_rows, self.n_groups, d.q.shape[-1],
+                                         device=self.device)
+                self.q[rows, :d.q.shape[1]] = d.q
+        for r in stale:
+            self.made_for[r] = ti
 
     # -- prefill ----------------------------------------------------------------------------------
     def prefill(self, start: int, idx: Tensor, offset: int, last: Tensor | None,
-                groups: list[Group]) -> list[int] | None:
+                groups: list[Group], ti: int = 0) -> list[int] | None:
         """Feed idx [m, T] (right-padded prompts, or one chunk of one long prompt) at positions
         offset.. into rows start..start+m-1. last [m]: for the final piece, each prompt's last
         index in idx; then the first new token of every row is picked (and the first drafts
-        proposed) and returned. None for a chunk that is not the last."""
+        proposed, for trees[ti]) and returned. None for a chunk that is not the last."""
         m, T = idx.shape
         cache = cache_rows(self.cache, start, start + m)
         # offset 0 is `engine.prefill` exactly (same positions, mask and kv_len)
@@ -144,19 +200,19 @@ class RowDecoder:
             first[slice(None) if gi is None else gi] = pick(_take(logits, gi), g.sampling,
                                                             g.generator)
         self.root[start:start + m] = first
-        if self.tree is not None:
-            hidden = self.engine.draft_hidden(fwd, last)
-            self._store_drafts(start, groups, self.engine.draft_logits(hidden), m)
+        if self.trees:
+            self._store_drafts(start, groups, self.engine.draft_hidden(fwd, last), m, ti)
         return first.tolist()
 
     # -- one step for rows 0..n-1 -------------------------------------------------------------
-    def step(self, n: int, pos: list[int], groups: list[Group]) -> StepResult:
-        """One decode step of rows 0..n-1 whose roots sit at positions pos."""
+    def step(self, n: int, pos: list[int], groups: list[Group], ti: int = 0) -> StepResult:
+        """One decode step of rows 0..n-1 whose roots sit at positions pos, with trees[ti]."""
         cache = cache_rows(self.cache, 0, n)
         base = torch.tensor(pos, device=self.device)
-        kv_len = max(pos) + self.width
+        # the step's own width, as generate() (wider trees of other steps change nothing here)
+        kv_len = max(pos) + (self.trees[ti].size + 1 if self.trees else 1)
         root = self.root[:n]
-        if self.tree is None:
+        if not self.trees:
             logits = decode_one(self.engine, cache, root, base, kv_len)
             nxt = torch.empty(n, dtype=torch.long, device=self.device)
             for g in groups:
@@ -165,9 +221,11 @@ class RowDecoder:
                                                               g.generator)
             self.root[:n] = nxt
             return StepResult([[t] for t in nxt.tolist()], [0] * n)
-        tree = self.tree
+        self._redraft(n, groups, ti)
+        tree = self.trees[ti]
         t = tree.tensors(self.device)
-        inp = torch.cat([root[:, None], self.drafts[:n]], dim=1)  # [n, N+1]
+        G = len(t["group_node"])
+        inp = torch.cat([root[:, None], self.drafts[:n, :tree.size]], dim=1)  # [n, N+1]
         fwd = self.engine.forward(inp, base[:, None] + t["depth"],
                                   tree_context(cache, base, tree, kv_len))
         logits = self.engine.logits(fwd.h0)  # [n, N+1, V]
@@ -178,15 +236,14 @@ class RowDecoder:
             q = None
             if not g.sampling.greedy:
                 assert self.q is not None
-                q = _take(self.q[:n], gi)
+                q = _take(self.q[:n, :G], gi)
             a, x = verify(_take(logits, gi), _take(inp, gi), q, t, g.sampling, g.generator)
             where = slice(None) if gi is None else gi
             acc[where], nxt[where] = a, x
         emit = t["emit"][acc]  # [n, D+3]
         D = tree.depth
         tokens = torch.cat([inp, nxt[:, None]], dim=1).gather(1, emit[:, :D + 1])
-        self._store_drafts(0, groups, self.engine.draft_logits(self.engine.draft_hidden(fwd, acc)),
-                           n)
+        self._store_drafts(0, groups, self.engine.draft_hidden(fwd, acc), n, ti)
         if not tree.is_chain and not bool(t["in_place"][acc].all()):
             d = torch.arange(1, D + 1, device=self.device)
             cache.copy_slots(base[:, None] + t["path_nodes"][acc], base[:, None] + d)

@@ -12,6 +12,14 @@ One iteration of the loop:
    row appends its own number of tokens; rows that hit a stop token, a stop string or their
    `max_tokens` leave now, and the last row moves into the freed one.
 
+Trees. Every speculative step runs one tree for the whole batch: the base tree (the greedy
+calibration's) unless every running row has the same sampling setting and that setting has a
+calibration of its own (`calibrate --sampling`; `setting_trees`), then that one. Drafts are made
+for the tree of the step they are made in; a row whose drafts are for another tree than the next
+step's (the mix of settings changed) drafts again from its stored draft-head outputs
+(`RowDecoder._redraft`). A request alone thus runs its setting's calibrated tree, as
+`multitoken generate` does.
+
 A newcomer is running from the iteration its prefill ends: its first token (picked from the
 prefill) is delivered at once, and it joins the next step.
 
@@ -100,11 +108,16 @@ class Scheduler:
 
     def __init__(self, model: MultiTokenModel, tokenizer: Tokenizer, tree: Tree | None,
                  max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 512,
-                 metrics: Metrics | None = None, seed: int = 0) -> None:
+                 metrics: Metrics | None = None, seed: int = 0,
+                 setting_trees: dict[str, Tree] | None = None) -> None:
+        """setting_trees: per sampling setting (`Sampling.label`), the tree its own calibration
+        chose; a step whose rows all share such a setting runs it, any other step `tree`."""
         if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
             raise ValueError("max_batch, prefill_tokens >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
-        self.decoder = RowDecoder(model, tree, max_batch)
+        extra = dict(setting_trees or {}) if tree is not None else {}
+        self.tree_index = {label: i + 1 for i, label in enumerate(extra)}
+        self.decoder = RowDecoder(model, tree, max_batch, tuple(extra.values()))
         self.device = self.decoder.device
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.metrics = metrics or Metrics()
@@ -222,6 +235,12 @@ class Scheduler:
         return True
 
     # -- admission and prefill ------------------------------------------------------------------
+    def _tree(self, seqs: list[Sequence]) -> int:
+        """The tree (index into `decoder.trees`) for a batch of these rows: their setting's own
+        when they all share one that has it, else the base (greedy calibration's) tree."""
+        labels = {s.sampling.label for s in seqs}
+        return self.tree_index.get(labels.pop(), 0) if len(labels) == 1 else 0
+
     def _groups(self, seqs: list[Sequence]) -> list[Group]:
         """Rows (indices into seqs) that verify and draft together (see rows.py)."""
         greedy: list[int] = []
@@ -282,7 +301,8 @@ class Scheduler:
             idx = torch.tensor([s.prompt + [0] * (T - len(s.prompt)) for s in batch],
                                device=self.device)
             last = torch.tensor([len(s.prompt) - 1 for s in batch], device=self.device)
-            first = self.decoder.prefill(start, idx, 0, last, self._groups(batch))
+            first = self.decoder.prefill(start, idx, 0, last, self._groups(batch),
+                                         self._tree(self.running + batch))
             assert first is not None
             self.running.extend(batch)
             self.admitting = []
@@ -302,7 +322,8 @@ class Scheduler:
         idx = torch.tensor([s.prompt[a:b]], device=self.device)
         final = b == len(s.prompt)
         last = torch.tensor([b - a - 1], device=self.device) if final else None
-        first = self.decoder.prefill(row, idx, a, last, self._groups([s]))
+        first = self.decoder.prefill(row, idx, a, last, self._groups([s]),
+                                     self._tree([*self.running, s]))
         s.prefilled = b
         if first is not None:
             self.partial = None
@@ -320,7 +341,7 @@ class Scheduler:
     def _step(self) -> None:
         rows = self.running
         n = len(rows)
-        res = self.decoder.step(n, [s.pos for s in rows], self._groups(rows))
+        res = self.decoder.step(n, [s.pos for s in rows], self._groups(rows), self._tree(rows))
         self.steps += 1
         m = self.metrics
         m.row_steps.inc(n)
@@ -371,7 +392,7 @@ class Scheduler:
         m.generation_tokens.inc(len(new))
         if s.finish_reason:
             text += s.tracker.flush()
-        if text or s.finish_reason is None:
+        if text or new or s.finish_reason is None:  # every token goes out (token ids)
             s.sink(Event(text=text, tokens=new))
         if s.finish_reason:
             self._finish(s, s.finish_reason)

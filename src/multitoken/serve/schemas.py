@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints (pydantic), and the error body.
 
 Fields are OpenAI's; `top_k` is the usual extension (vLLM, TGI: the `openai` client sends it
-with `extra_body`). Unknown fields are ignored, as OpenAI-compatible servers do; fields we do
+with `extra_body`), and so is `return_token_ids` (vLLM's: the token ids beside the text). Unknown fields are ignored, as OpenAI-compatible servers do; fields we do
 not implement with a value that would change the output (`logprobs`, `echo`, `best_of` > n,
 `suffix`, penalties, `logit_bias`, `tools`) are refused with a 400 that names them.
 """
@@ -31,6 +31,9 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=16)
+    # an extension (vLLM's name): each choice / stream chunk also carries the token ids it
+    # adds, so a client can check that no token was lost or sent twice (`bench serve`)
+    return_token_ids: bool = False
     # accepted only at the values that change nothing
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
