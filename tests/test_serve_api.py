@@ -274,3 +274,26 @@ def test_token_ids_stream_and_not(server, ckpt):
                 if obj.get("usage"):
                     assert obj["usage"]["completion_tokens"] == len(want)
     assert ids == want
+
+
+def test_token_conditioned_checkpoint_is_served_speculatively(tmp_path):
+    """DeepSeek-V3-style MTP heads: `auto` speculates (a chain of both draft heads), and a
+    request alone is what `generate()` decodes, greedy and seeded."""
+    ck = tiny_checkpoint(tmp_path / "tc", n_layers=4, head_type="token_conditioned")
+    srv = RunningServer(build_state(server_args(ck)))
+    try:
+        assert srv.state.speculation.startswith("chain-2")
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0, timeout=30)
+        want, _ = reference(ck, PROMPT, 30, speculative="chain")
+        out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=30,
+                                        temperature=0)
+        assert out.choices[0].text == want
+        # drafts were verified (a random model's are rarely accepted)
+        assert srv.state.scheduler.metrics.draft_attempts.labels("1")._value.get() > 0
+        want, _ = reference(ck, PROMPT, 20, speculative="chain", temperature=0.8,
+                            generator=torch.Generator().manual_seed(4))
+        out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20,
+                                        temperature=0.8, seed=4)
+        assert out.choices[0].text == want
+    finally:
+        srv.stop()

@@ -1,5 +1,6 @@
 """The continuous-batching scheduler without HTTP: exactness against `generate()` (plain, chain,
-tree; greedy and seeded sampling), chunked prefill, rows joining and leaving, cancellation."""
+tree; parallel and token-conditioned heads; greedy and seeded sampling), chunked prefill, rows
+joining and leaving, cancellation."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from multitoken.tokenizer import ByteTokenizer
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 5], list(range(16)) + list(range(12))]
 TREES = {"off": None, "chain": Tree.chain(3), "tree": Tree(default_tree(3))}
+TC = "token_conditioned"
+# (head type, tree) per fixture id: token-conditioned heads draft in decoding.conditioned
+SERVED = {**{k: ("transformer", t) for k, t in TREES.items()},
+          "tc-chain": (TC, Tree.chain(3)), "tc-tree": (TC, Tree(default_tree(3)))}
 
 
 def run(sched: Scheduler, seqs: list[Sequence], timeout: float = 30) -> list[list[int]]:
@@ -42,14 +47,15 @@ def reference(model, tree, prompt, n, **kw):
                     tree=None if tree is None else tree.paths, **kw).tokens[0]
 
 
-@pytest.fixture(params=list(TREES))
+@pytest.fixture(params=list(SERVED))
 def served(request):
-    model = trained_model(vocab=16)
+    head_type, tree = SERVED[request.param]
+    model = trained_model(head_type, vocab=16)
     # prefill_tokens=16: the third prompt (28 tokens) is prefilled in two chunks
-    sched = Scheduler(model, ByteTokenizer(), TREES[request.param], max_batch=4, max_queue=16,
+    sched = Scheduler(model, ByteTokenizer(), tree, max_batch=4, max_queue=16,
                       prefill_tokens=16)
     sched.start()
-    yield model, TREES[request.param], sched
+    yield model, tree, sched
     assert sched.drain(10)
 
 
@@ -89,8 +95,9 @@ def test_more_sequences_than_rows_and_stop_tokens(served):
     assert all(s.finish_reason == "stop" for s in seqs)
 
 
-def test_acceptance_metrics():
-    model = trained_model(vocab=16)
+@pytest.mark.parametrize("head_type", ["transformer", TC])
+def test_acceptance_metrics(head_type):
+    model = trained_model(head_type, vocab=16)
     sched = Scheduler(model, ByteTokenizer(), Tree.chain(3), max_batch=2)
     sched.start()
     run(sched, [Sequence(PROMPTS[0], 40, Sampling())])
@@ -139,11 +146,10 @@ def test_choose_tree():
     assert choose_tree(one, "auto", None)[0] is None
     with pytest.raises(ConfigError, match="n_future=1"):
         choose_tree(one, "chain-1", None)
-    tc = random_model("token_conditioned")
-    tree, desc = choose_tree(tc, "auto", None)
-    assert tree is None and "token-conditioned" in desc
-    with pytest.raises(ConfigError, match="plain"):
-        choose_tree(tc, "tree", None)
+    tc = random_model(TC)  # served speculatively like the other head types
+    assert choose_tree(tc, "auto", None)[0].paths == Tree.chain(3).paths
+    assert choose_tree(tc, "tree", None)[0].paths == Tree(default_tree(3)).paths
+    assert choose_tree(tc, "chain-1", None)[0].paths == Tree.chain(1).paths
 
 
 def test_a_failing_step_fails_its_sequences_and_the_loop_goes_on():
@@ -172,11 +178,14 @@ def test_a_failing_step_fails_its_sequences_and_the_loop_goes_on():
     assert sched.drain(5)
 
 
-def test_per_setting_tree_alone_and_mixed():
+@pytest.mark.parametrize("head_type", ["transformer", TC])
+def test_per_setting_tree_alone_and_mixed(head_type):
     """A setting with its own calibrated tree runs it when its rows are alone (== generate()
     with that tree, seeded draws included); a mixed batch runs the base tree, and rows whose
-    drafts were made for the other tree draft again (greedy rows still near-identical)."""
-    model = trained_model(vocab=16)
+    drafts were made for the other tree draft again (greedy rows still near-identical).
+    Token-conditioned heads: the base chain is 1 deep, the setting's tree 3 deep, so steps
+    of the chain keep heads 2-3's caches exact for the tree's steps."""
+    model = trained_model(head_type, vocab=16)
     s = Sampling(0.9, 8, 0.95)
     own = Tree(default_tree(3))
     sched = Scheduler(model, ByteTokenizer(), Tree.chain(1), max_batch=4,

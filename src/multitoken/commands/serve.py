@@ -44,16 +44,12 @@ def choose_tree(model: MultiTokenModel, spec: str,
                 calib: dict[str, Any] | None) -> tuple[Tree | None, str]:
     """The draft tree every step of the batch runs (None: plain decoding) and its description.
     auto: the stored calibration's greedy choice (the base tree: it serves a batch of mixed
-    settings; `setting_trees` gives the per-setting ones), else a chain of all draft heads; plain for n_future=1. Token-conditioned
-    heads are served with plain decoding (their drafter is not built for per-row batches)."""
+    settings; `setting_trees` gives the per-setting ones), else a chain of all draft heads;
+    plain for n_future=1. Every head type alike (token-conditioned heads draft through
+    `decoding.conditioned`, see `serve.rows.ConditionedRows`)."""
     n = model.n_future
     if spec == "off":
         return None, "off"
-    if model.conditioned:
-        if spec == "auto":
-            return None, "off (token-conditioned heads are served with plain decoding)"
-        raise ConfigError(f"--speculate {spec}: token-conditioned heads are served with plain "
-                          "decoding only; use --speculate off or auto")
     if n == 1:
         if spec == "auto":
             return None, "off (n_future=1: no draft heads)"

@@ -44,6 +44,10 @@ columns; each query column writes its keys/values to its own scratch slot past t
 (q + K + 2 + its group), which only it attends to. After verification the accepted path is a
 chain again: the exact runs above read head 1's outputs along it (its nodes' columns of the
 verification forward), and the engine's cache is compacted as for the other head types.
+
+Batches with several sampling settings (the server, `serve/rows.py`): the head calls stay
+batched over every row (`refresh`, `draft_tree`); only drafting runs per part of the rows
+(`TreeDrafter`'s parts: settings and a random stream), between the calls of consecutive depths.
 """
 
 from __future__ import annotations
@@ -104,52 +108,63 @@ class Levels:
                              for j in js]) for js in kids]
 
 
+# Rows of a batch (None: all of them, in order) that draft with one sampling setting and one
+# random stream: generate() has one such part, the server one per group of rows (serve/rows.py).
+Part = tuple[Tensor | None, Sampling, torch.Generator | None]
+
+
 class TreeDrafter:
     """Draws a tree's drafts depth by depth from the draft heads' outputs at its sibling groups
     (see the module docstring): `children` fills the node tokens of one depth, `drafts` hands
-    over the tree's Drafts."""
+    over the tree's Drafts. Each part of the rows draws with its own settings and generator,
+    in the order of `parts` (a part's draws are then exactly what it would draw alone)."""
 
-    def __init__(self, engine: Engine, levels: Levels, root: Tensor, sampling: Sampling,
-                 generator: torch.Generator | None) -> None:
-        self.engine, self.levels = engine, levels
-        self.sampling, self.generator = sampling, generator
+    def __init__(self, engine: Engine, levels: Levels, root: Tensor, parts: list[Part]) -> None:
+        self.engine, self.levels, self.parts = engine, levels, parts
         B = root.shape[0]
         self.tokens = root.new_zeros(B, levels.size + 1)  # [B, N+1]: node 0 = the root
         self.tokens[:, 0] = root
-        self.q: Tensor | None = None  # [B, G, V] when sampling
+        self.q: Tensor | None = None  # [B, G, V] when some part samples
 
     def children(self, d: int, h: Tensor) -> None:
         """The children of the groups at depth d from their draft head outputs h [B, G_d, D]."""
-        lv, s = self.levels, self.sampling
-        logits = self.engine.draft_logits(h)  # [B, G_d, V]
-        if s.greedy:
-            table = (logits.argmax(-1, keepdim=True) if lv.ranks == 1
-                     else logits.topk(lv.ranks, dim=-1).indices)  # [B, G_d, R]
-            self.tokens[:, lv.kids[d]] = table.flatten(1)[:, lv.kid_rank[d]]
-            return
-        q = process_logits(logits, s)
-        draws = draw_distinct(q, lv.width, self.generator)  # [B, G_d, C]
-        self.tokens[:, lv.kids[d]] = draws.flatten(1)[:, lv.kid_draw[d]]
-        if self.q is None:
-            self.q = q.new_zeros(q.shape[0], lv.n_groups, q.shape[-1])
-        self.q[:, lv.groups[d]] = q
+        lv = self.levels
+        logits = self.engine.draft_logits(h)  # [B, G_d, V]: one unembedding for every part
+        for rows, s, generator in self.parts:
+            part = logits if rows is None else logits.index_select(0, rows)
+            where = slice(None) if rows is None else rows[:, None]
+            if s.greedy:
+                table = (part.argmax(-1, keepdim=True) if lv.ranks == 1
+                         else part.topk(lv.ranks, dim=-1).indices)  # [b, G_d, R]
+                self.tokens[where, lv.kids[d]] = table.flatten(1)[:, lv.kid_rank[d]]
+                continue
+            q = process_logits(part, s)
+            draws = draw_distinct(q, lv.width, generator)  # [b, G_d, C]
+            self.tokens[where, lv.kids[d]] = draws.flatten(1)[:, lv.kid_draw[d]]
+            if self.q is None:
+                self.q = q.new_zeros(self.tokens.shape[0], lv.n_groups, q.shape[-1])
+            self.q[where, lv.groups[d]] = q
 
     def drafts(self) -> Drafts:
         return Drafts(self.tokens[:, 1:], self.q)
 
 
-def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache, levels: Levels,
-                      carry: list[Tensor], h0: Tensor, emitted: Tensor, pos: Tensor, a: Tensor,
-                      sampling: Sampling,
-                      generator: torch.Generator | None) -> tuple[Drafts, list[Tensor]]:
-    """The end of a step (module docstring): bring every draft head's cache entries up to the
-    new frontier and draft the next tree.
+def refresh(model: MultiTokenModel, cache: KVCache, levels: Levels, carry: list[Tensor],
+            h0: Tensor, emitted: Tensor, pos: Tensor, a: Tensor, drafter: TreeDrafter,
+            depth: int | None = None) -> list[Tensor]:
+    """The end of a step (module docstring): bring draft heads 1..depth (default: the tree's
+    depth K) up to the new frontier, and draft the next tree (`levels`, depth K) through
+    `drafter` between the head calls (head k+1's query columns read the drafts of depth k).
+    Heads past K (a server keeps the heads of its deepest tree exact while a step runs a
+    shallower one) run their exact columns only.
 
     h0 [B, K+1, D]: head 1's outputs along the accepted path at positions pos + 0..K (pos [B]:
     the old root's); emitted [B, K+1]: the tokens the step emitted there (a [B] accepted drafts,
     then the bonus, then unused columns); carry: head k's output at its last exact position
-    before this step, k = 1..K-1. Returns (the next drafts, the next carry)."""
+    before this step, k = 1..depth-1 (longer is fine). Returns the next carry, k = 1..depth
+    (its first entry is h_1[q], the root group's query)."""
     K = h0.shape[1] - 1
+    depth = K if depth is None else depth
     B = pos.shape[0]
     rows = torch.arange(B, device=pos.device)
     col = torch.arange(K + 1, device=pos.device)  # exact-run columns i = 0..K
@@ -161,25 +176,78 @@ def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache, le
     # head 1: positions p..p+a, h_0 there (chain node i sits at position p+i)
     p1 = pos[:, None] + col[None]
     h = run_draft_head(model, 1, cache, h0, emitted, p1, torch.where(valid, p1, garbage), kv)
-    drafter = TreeDrafter(engine, levels, emitted[rows, a], sampling, generator)
     h_query = h[rows, a][:, None]  # [B, 1, D]: h_1[q], the root's group
     drafter.children(0, h_query)
     new_carry = [h_query[:, 0]]
-    for k in range(2, K + 1):
+    for k in range(2, depth + 1):
         pk = pos[:, None] + col[None] - k + 1  # exact positions p-k+1.. (< 0: none there)
         ok = valid & (pk >= 0)
-        g = levels.groups[k - 1]  # groups at depth k-1: head k drafts their children
-        n_q = g.shape[0]
-        hin = torch.cat([carry[k - 2][:, None], h[:, :K], h_query[:, levels.parent[k - 1]]], 1)
-        tin = torch.cat([emitted, drafter.tokens[:, levels.group_nodes[k - 1]]], 1)
-        pin = torch.cat([pk.clamp(min=0), q[:, None].expand(B, n_q)], 1)
-        sin = torch.cat([torch.where(ok, pk, garbage), scratch + g[None]], 1)
+        hin = torch.cat([carry[k - 2][:, None], h[:, :K]], 1)
+        tin, pin, sin = emitted, pk.clamp(min=0), torch.where(ok, pk, garbage)
+        drafts = k <= K
+        if drafts:  # query columns beside the exact ones
+            g = levels.groups[k - 1]  # groups at depth k-1: head k drafts their children
+            n_q = g.shape[0]
+            hin = torch.cat([hin, h_query[:, levels.parent[k - 1]]], 1)
+            tin = torch.cat([tin, drafter.tokens[:, levels.group_nodes[k - 1]]], 1)
+            pin = torch.cat([pin, q[:, None].expand(B, n_q)], 1)
+            sin = torch.cat([sin, scratch + g[None]], 1)
         out_k = run_draft_head(model, k, cache, hin, tin, pin, sin, kv)
         h, h_query = out_k[:, :K + 1], out_k[:, K + 1:]
-        if k < K:
-            new_carry.append(h[rows, a])
-        drafter.children(k - 1, h_query)
+        new_carry.append(h[rows, a])
+        if drafts:
+            drafter.children(k - 1, h_query)
+    return new_carry
+
+
+def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache, levels: Levels,
+                      carry: list[Tensor], h0: Tensor, emitted: Tensor, pos: Tensor, a: Tensor,
+                      sampling: Sampling,
+                      generator: torch.Generator | None) -> tuple[Drafts, list[Tensor]]:
+    """`refresh` for one sampling setting and generator: (the next drafts, the next carry,
+    k = 1..K-1)."""
+    K = h0.shape[1] - 1
+    rows = torch.arange(pos.shape[0], device=pos.device)
+    drafter = TreeDrafter(engine, levels, emitted[rows, a], [(None, sampling, generator)])
+    new_carry = refresh(model, cache, levels, carry, h0, emitted, pos, a, drafter)
     return drafter.drafts(), new_carry[:K - 1]
+
+
+def draft_tree(model: MultiTokenModel, cache: KVCache, levels: Levels, q: Tensor, h1: Tensor,
+               drafter: TreeDrafter) -> None:
+    """The tree's drafts from h_1[q] [B, D] (q [B]: the draft positions) when no exact run
+    goes with them (prefill, or a switch of tree): each depth's query columns run alone (a
+    step runs them beside the heads' exact runs), writing to their scratch slots only."""
+    drafter.children(0, h1[:, None])
+    K, B = levels.depth, h1.shape[0]
+    kv = int(q.max()) + K + 2 + levels.n_groups
+    h = h1[:, None]
+    for k in range(2, K + 1):
+        g = levels.groups[k - 1]
+        tok = drafter.tokens[:, levels.group_nodes[k - 1]]
+        h = run_draft_head(model, k, cache, h[:, levels.parent[k - 1]], tok,
+                           q[:, None].expand(B, g.shape[0]), q[:, None] + K + 2 + g[None], kv)
+        drafter.children(k - 1, h)
+
+
+def prefill_draft_heads(model: MultiTokenModel, cache: KVCache, h0: Tensor, idx: Tensor,
+                        last: Tensor, first: Tensor, depth: int) -> list[Tensor]:
+    """Draft heads 1..depth over right-padded prompts idx [B, T] (head 1's outputs there h0
+    [B, T, D]; last tokens at last [B]; the first new tokens first [B]), writing their entries
+    to slots 0..T-1 of `cache`: exact for positions <= last + 1 - k (beyond: garbage, rewritten
+    before anything attends to it). Returns the carry: head k's output at last + 1 - k,
+    k = 1..depth (its first entry is h_1[last], the first drafts' root query)."""
+    B, T = idx.shape
+    rows = torch.arange(B, device=idx.device)
+    seq = torch.cat([idx, torch.zeros_like(idx[:, :1])], 1)  # [B, T+1]: prompt, root
+    seq[rows, last + 1] = first
+    pos = torch.arange(T, device=idx.device).expand(B, T)
+    h = h0
+    carry: list[Tensor] = []
+    for k in range(1, depth + 1):
+        h = run_draft_head(model, k, cache, h, model.future_tokens(seq, k)[:, :T], pos, pos, T)
+        carry.append(h[rows, (last + 1 - k).clamp(min=0)])
+    return carry
 
 
 def conditioned_drafts(model: MultiTokenModel, engine: Engine, cache: KVCache, h0: Tensor,
@@ -198,6 +266,16 @@ def conditioned_drafts(model: MultiTokenModel, engine: Engine, cache: KVCache, h
     full = torch.full((B,), k, device=idx.device)
     return refresh_and_draft(model, engine, cache, levels, carry, h0[:, cols], idx[:, cols],
                              pos[:, 0], full, sampling, generator)[0]
+
+
+def path_outputs(tree: Tree, h0: Tensor, acc: Tensor) -> Tensor:
+    """Head 1's outputs at a step's nodes h0 [B, N+1, D] -> along the accepted path (acc [B]:
+    the deepest accepted node), in position order [B, K+1, D] (what `refresh` reads)."""
+    if tree.is_chain:
+        return h0
+    path = torch.cat([torch.zeros_like(acc)[:, None], tree.tensors(h0.device)["path_nodes"][acc]],
+                     1)
+    return h0.gather(1, path[..., None].expand(-1, -1, h0.shape[-1]))
 
 
 class ConditionedDecoder:
@@ -220,51 +298,24 @@ class ConditionedDecoder:
         self.sampling, self.generator = sampling, generator
         self.width, self.depth = tree.size + 1, tree.depth
 
-    def _first_drafts(self, h1: Tensor) -> Drafts:
-        """The tree's drafts from h_1[q] [B, D] at prefill: each depth's query columns run
-        alone (a step runs them beside the heads' exact runs)."""
-        lv = self.levels
-        drafter = TreeDrafter(self.engine, lv, self.tok, self.sampling, self.generator)
-        h = h1[:, None]
-        drafter.children(0, h)
-        B = h1.shape[0]
-        kv = int(self.q.max()) + self.k + 2 + lv.n_groups
-        for k in range(2, self.k + 1):
-            g = lv.groups[k - 1]
-            tok = drafter.tokens[:, lv.group_nodes[k - 1]]
-            h = run_draft_head(self.model, k, self.cache, h[:, lv.parent[k - 1]], tok,
-                               self.q[:, None].expand(B, g.shape[0]),
-                               self.q[:, None] + self.k + 2 + g[None], kv)
-            drafter.children(k - 1, h)
-        return drafter.drafts()
-
     # -- the decoder interface ----------------------------------------------------------------
     def start(self, cache: KVCache, idx: Tensor, last: Tensor) -> Tensor:
         """Prefill right-padded prompts idx [B, T] (last tokens at last [B]); returns the first
         new token [B] and keeps the first drafts."""
-        model, (B, T) = self.model, idx.shape
+        B = idx.shape[0]
         fwd = prefill(self.engine, cache, idx)
         rows = torch.arange(B, device=idx.device)
         self.tok = pick(self.engine.logits(fwd.h0[rows, last]), self.sampling, self.generator)
         # Room for a step's unused columns and query columns past its query (`step`).
-        self.cache = model.new_draft_cache(B, cache.max_len + self.k + 2 + self.levels.n_groups)
-        seq = torch.cat([idx, torch.zeros_like(idx[:, :1])], 1)  # [B, T+1]: prompt, root
-        seq[rows, last + 1] = self.tok
-        pos = torch.arange(T, device=idx.device).expand(B, T)
+        self.cache = self.model.new_draft_cache(
+            B, cache.max_len + self.k + 2 + self.levels.n_groups)
         self.q = last  # the position every draft is made at
-        h = fwd.h0
-        self.carry: list[Tensor] = []  # head k's output at its last exact position, k = 1..K-1
-        h1 = fwd.h0[:, 0]
-        for k in range(1, self.k + 1):
-            # Exact entries for positions <= last + 1 - k (beyond: garbage, rewritten before
-            # anything attends to it).
-            h = run_draft_head(model, k, self.cache, h, model.future_tokens(seq, k)[:, :T],
-                               pos, pos, T)
-            if k == 1:
-                h1 = h[rows, last]
-            if k < self.k:
-                self.carry.append(h[rows, (last + 1 - k).clamp(min=0)])
-        self.drafts = self._first_drafts(h1)
+        carry = prefill_draft_heads(self.model, self.cache, fwd.h0, idx, last, self.tok, self.k)
+        self.carry = carry[:self.k - 1]  # head k's output at its last exact position, k < K
+        drafter = TreeDrafter(self.engine, self.levels, self.tok,
+                              [(None, self.sampling, self.generator)])
+        draft_tree(self.model, self.cache, self.levels, self.q, carry[0], drafter)
+        self.drafts = drafter.drafts()
         return self.tok
 
     def select(self, rows: Tensor) -> None:
@@ -279,15 +330,11 @@ class ConditionedDecoder:
         acc = out.node
         assert acc is not None
         t = self.tree.tensors(pos.device)
-        h0 = fwd.h0
-        if not self.tree.is_chain:
-            # head 1's outputs along the accepted path, in position order; then compact the
-            # engine's cache as speculate_step does
-            path = torch.cat([torch.zeros_like(acc)[:, None], t["path_nodes"][acc]], 1)
-            h0 = h0.gather(1, path[..., None].expand(-1, -1, h0.shape[-1]))
-            if not bool(t["in_place"][acc].all()):
-                d = torch.arange(1, self.k + 1, device=pos.device)
-                cache.copy_slots(pos[:, None] + t["path_nodes"][acc], pos[:, None] + d)
+        h0 = path_outputs(self.tree, fwd.h0, acc)
+        if not self.tree.is_chain and not bool(t["in_place"][acc].all()):
+            # compact the engine's cache as speculate_step does
+            d = torch.arange(1, self.k + 1, device=pos.device)
+            cache.copy_slots(pos[:, None] + t["path_nodes"][acc], pos[:, None] + d)
         self.drafts, self.carry = refresh_and_draft(
             self.model, self.engine, self.cache, self.levels, self.carry, h0, out.tokens, pos,
             out.n, self.sampling, self.generator)
