@@ -452,8 +452,10 @@ def main(argv: list[str]) -> int:
     if not args.no_tree and calib is None:
         print("note: no calibration.json (run `multitoken calibrate`): using the default tree")
     trees = {s: _tree_for(args, n, calib, s.sampling) for s in settings}  # (tree, source)
+    files = args.prompt_files or []
     text_source = ("the validation split" if args.prompt_files is None
-                   else f"unseen text ({' '.join(args.prompt_files)})")
+                   else f"unseen text ({' '.join(files)})" if len(files) <= 3
+                   else f"unseen text ({len(files)} paths: {files[0]} ... {files[-1]})")
     tokens = (validation_tokens(args.checkpoint, tokenizer) if args.prompt_files is None
               else unseen_tokens(args.checkpoint, tokenizer, args.prompt_files))
     prompts, continuations = prompts_and_continuations(tokens, args.prompts, prompt_len,
