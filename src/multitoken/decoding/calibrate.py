@@ -92,8 +92,8 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
     sequence (none when h == 1); then argmaxes (greedy, the default) or, with a sampling
     setting, the processed distributions and a draw from each. Token-conditioned draft heads
     instead run as a step runs them (`conditioned.refresh_and_draft`: one call per head, its
-    exact columns and the query columns of a tree of m - 1 nodes, or of a chain). Shapes are timed round-robin so load drifts
-    hit all alike.
+    exact columns and the query columns of a tree of m - 1 nodes, or of a chain). Shapes are
+    timed round-robin so load drifts hit all alike.
     """
     if reps < 1:
         raise MultitokenError(f"reps must be >= 1, got {reps}")
@@ -103,8 +103,9 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
     # Token-conditioned draft heads run outside the engine (decoding.conditioned).
     engines = {h: Engine(model, 1 if model.conditioned else h) for _, h in shapes}
     cache = model.new_cache(batch_size, context + max(m for m, _ in shapes))
-    draft_cache = model.new_draft_cache(
-        batch_size, context + 3 * max(h for _, h in shapes) + max(m for m, _ in shapes) + 2)
+    draft_cache = model.new_draft_cache(  # token-conditioned draft heads' own keys/values
+        batch_size, context + 3 * max(h for _, h in shapes) + max(m for m, _ in shapes) + 2,
+    ) if model.conditioned else None
     gen = torch.Generator(device="cpu").manual_seed(0)
     draws = torch.Generator(device=device).manual_seed(0)
     times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
@@ -122,7 +123,7 @@ def time_forwards(model: MultiTokenModel, shapes: list[tuple[int, int]], *, batc
             sample(process_logits(logits, sampling), draws)
         else:
             logits.argmax(-1)
-        if h > 1 and model.conditioned:
+        if h > 1 and draft_cache is not None:
             # m - 1 nodes over h - 1 heads: a tree of that size (its query columns), else a chain
             tree = Tree(default_tree(h - 1, size=m - 1)) if m > h else Tree.chain(h - 1)
             conditioned_drafts(model, eng, draft_cache, fwd.h0, idx, pos, sampled_with, draws,
@@ -453,12 +454,16 @@ def load_calibration(checkpoint: str | Path,
     return data
 
 
-def data_splits(checkpoint: str | Path, tokenizer: Any) -> Any:
-    """The checkpoint run's corpus split (a `DataBundle`: .train, .val), tokenized as it was."""
+def run_data_config(checkpoint: str | Path) -> DataConfig:
+    """The data section of the checkpoint run's config."""
     meta = read_config(checkpoint)
     run = meta.get("run") or meta
-    dcfg = from_dict(DataConfig, run.get("data", {}), prefix="data.")
-    return prepare_data(dcfg, tokenizer)
+    return from_dict(DataConfig, run.get("data", {}), prefix="data.")
+
+
+def data_splits(checkpoint: str | Path, tokenizer: Any) -> Any:
+    """The checkpoint run's corpus split (a `DataBundle`: .train, .val), tokenized as it was."""
+    return prepare_data(run_data_config(checkpoint), tokenizer)
 
 
 def validation_tokens(checkpoint: str | Path, tokenizer: Any) -> np.ndarray:
@@ -473,8 +478,7 @@ def unseen_tokens(checkpoint: str | Path, tokenizer: Any, paths: list[str]) -> n
     files = resolve_files(paths)
     if not files:
         raise MultitokenError(f"no files in {' '.join(paths)}")
-    meta = read_config(checkpoint)
-    dcfg = from_dict(DataConfig, (meta.get("run") or meta).get("data", {}), prefix="data.")
+    dcfg = run_data_config(checkpoint)
     trained = {os.path.realpath(f) for f in split_corpus(dcfg).train}
     seen = [f for f in files if os.path.realpath(f) in trained]
     if seen:

@@ -58,7 +58,7 @@ from torch import Tensor
 from multitoken.decoding.engine import Engine, prefill
 from multitoken.decoding.sampling import Sampling, draw_distinct, pick, process_logits
 from multitoken.decoding.speculate import Drafts, StepOut, verify_step
-from multitoken.decoding.tree import Tree
+from multitoken.decoding.tree import Tree, compact_path
 from multitoken.errors import MultitokenError
 from multitoken.model import DecodeContext, KVCache, MultiTokenModel, conditioned_visible
 
@@ -79,8 +79,8 @@ class Levels:
     """A tree by depth, for drafting one depth at a time (built once per decoder).
 
     groups[d]: the sibling groups (nodes with children, global group ids of `Tree.tensors`)
-    whose node is at depth d, group_nodes[d] those nodes; parent[d] (d >= 1): for each, the place of its node's parent among
-    groups[d-1]; kids[d]: the nodes at depth d+1, and where each one's token is in the flattened
+    whose node is at depth d, group_nodes[d] those nodes; parent[d] (d >= 1): for each, the
+    place of its node's parent among groups[d-1]; kids[d]: the nodes at depth d+1, and where each one's token is in the flattened
     [B, len(groups[d]) * C] draws (sampling: draw order) or [B, len(groups[d]) * R] top ranks
     (greedy: its rank)."""
 
@@ -273,8 +273,8 @@ def path_outputs(tree: Tree, h0: Tensor, acc: Tensor) -> Tensor:
     the deepest accepted node), in position order [B, K+1, D] (what `refresh` reads)."""
     if tree.is_chain:
         return h0
-    path = torch.cat([torch.zeros_like(acc)[:, None], tree.tensors(h0.device)["path_nodes"][acc]],
-                     1)
+    path_nodes = tree.tensors(h0.device)["path_nodes"][acc]  # [B, K]
+    path = torch.cat([torch.zeros_like(acc)[:, None], path_nodes], 1)
     return h0.gather(1, path[..., None].expand(-1, -1, h0.shape[-1]))
 
 
@@ -329,12 +329,8 @@ class ConditionedDecoder:
                                          pos, kv_len, self.sampling, self.generator)
         acc = out.node
         assert acc is not None
-        t = self.tree.tensors(pos.device)
         h0 = path_outputs(self.tree, fwd.h0, acc)
-        if not self.tree.is_chain and not bool(t["in_place"][acc].all()):
-            # compact the engine's cache as speculate_step does
-            d = torch.arange(1, self.k + 1, device=pos.device)
-            cache.copy_slots(pos[:, None] + t["path_nodes"][acc], pos[:, None] + d)
+        compact_path(cache, self.tree, pos, acc)
         self.drafts, self.carry = refresh_and_draft(
             self.model, self.engine, self.cache, self.levels, self.carry, h0, out.tokens, pos,
             out.n, self.sampling, self.generator)

@@ -49,7 +49,7 @@ from multitoken.decoding.sampling import (
     process_logits,
     sample,
 )
-from multitoken.decoding.tree import Tree, deepest_accepted, tree_context
+from multitoken.decoding.tree import Tree, compact_path, deepest_accepted, tree_context
 from multitoken.errors import MultitokenError
 from multitoken.model import KVCache, MultiTokenModel
 
@@ -149,16 +149,13 @@ def speculate_step(engine: Engine, cache: KVCache, tree: Tree, root: Tensor, dra
                    generator: torch.Generator | None) -> tuple[StepOut, Tensor, Drafts]:
     """One step. root [B] at positions base [B]; drafts: the tree's nodes, proposed by draft
     heads 2..D+1. Returns (what the step appends, the next root [B], the next drafts)."""
-    t = tree.tensors(root.device)
     out, nxt, fwd = verify_step(engine, cache, tree, root, drafts, base, kv_len, sampling,
                                 generator)
-    acc, D = out.node, tree.depth
+    acc = out.node
     assert acc is not None
     # Next drafts from the accepted node, attending through the tree mask: before compaction.
     new = propose(engine.draft_logits(engine.draft_hidden(fwd, acc)), tree, sampling, generator)
-    if not tree.is_chain and not bool(t["in_place"][acc].all()):
-        d = torch.arange(1, D + 1, device=base.device)
-        cache.copy_slots(base[:, None] + t["path_nodes"][acc], base[:, None] + d)
+    compact_path(cache, tree, base, acc)
     return out, nxt, new
 
 

@@ -209,6 +209,18 @@ def tree_context(cache: KVCache, base: Tensor, tree: Tree, kv_len: int) -> Decod
     return DecodeContext(cache, slots, mask.unsqueeze(1), kv_len)
 
 
+def compact_path(cache: KVCache, tree: Tree, base: Tensor, acc: Tensor) -> None:
+    """Move the accepted path's keys/values from their node slots to their position slots:
+    rows whose deepest accepted node acc [B] lies off the top-1 chain (root at base [B]).
+    Nothing moves for a chain, or when every row's path is in place already."""
+    if tree.is_chain:
+        return
+    t = tree.tensors(base.device)
+    if not bool(t["in_place"][acc].all()):
+        d = torch.arange(1, tree.depth + 1, device=base.device)
+        cache.copy_slots(base[:, None] + t["path_nodes"][acc], base[:, None] + d)
+
+
 def deepest_accepted(accepted: Tensor, t: dict[str, Tensor]) -> Tensor:
     """The deepest node whose whole path was accepted: accepted [B, N+1] (bool, per node; the
     root's entry is ignored, it was produced by the previous step) -> node [B]. The verifiers

@@ -53,7 +53,7 @@ from multitoken.decoding.engine import Engine
 from multitoken.decoding.generate import decode_one
 from multitoken.decoding.sampling import Sampling, pick
 from multitoken.decoding.speculate import Drafts, propose, verify
-from multitoken.decoding.tree import Tree, tree_context
+from multitoken.decoding.tree import Tree, compact_path, tree_context
 from multitoken.model import KVCache, MultiTokenModel, causal_context
 
 
@@ -369,9 +369,7 @@ class RowDecoder:
             self._put(torch.arange(n, device=self.device), d, ti)
         else:  # before compaction: the draft heads attend through the tree mask
             self._store_drafts(0, groups, self.engine.draft_hidden(fwd, acc), n, ti)
-        if not tree.is_chain and not bool(t["in_place"][acc].all()):
-            d = torch.arange(1, D + 1, device=self.device)
-            cache.copy_slots(base[:, None] + t["path_nodes"][acc], base[:, None] + d)
+        compact_path(cache, tree, base, acc)
         self.root[:n] = nxt
         n_acc = emit[:, D + 1].tolist()
         toks = tokens.tolist()
