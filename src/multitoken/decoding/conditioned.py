@@ -52,6 +52,8 @@ batched over every row (`refresh`, `draft_tree`); only drafting runs per part of
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
@@ -113,6 +115,23 @@ class Levels:
 Part = tuple[Tensor | None, Sampling, torch.Generator | None]
 
 
+class Drafter(Protocol):
+    """What `refresh` and `draft_tree` draft through, depth by depth: a static tree's
+    `TreeDrafter`, or `dynamic.DynamicDrafter` (a tree re-shaped per step and per row)."""
+
+    tokens: Tensor  # [B, N+1]: node 0 = the root
+
+    @property
+    def n_groups(self) -> int: ...  # sibling groups: scratch slots past q + K + 2
+
+    @property
+    def depth(self) -> int: ...
+
+    def children(self, d: int, h: Tensor) -> None: ...
+
+    def query(self, d: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
 class TreeDrafter:
     """Draws a tree's drafts depth by depth from the draft heads' outputs at its sibling groups
     (see the module docstring): `children` fills the node tokens of one depth, `drafts` hands
@@ -145,15 +164,31 @@ class TreeDrafter:
                 self.q = q.new_zeros(self.tokens.shape[0], lv.n_groups, q.shape[-1])
             self.q[where, lv.groups[d]] = q
 
+    @property
+    def n_groups(self) -> int:
+        return self.levels.n_groups
+
+    @property
+    def depth(self) -> int:
+        return self.levels.depth
+
+    def query(self, d: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The query columns of draft head d+1 (d >= 1), which drafts the children of the
+        groups at depth d: each group's input h_d (its parent group's column of h [B, G_{d-1},
+        D], the previous head's query outputs), its node's token [B, G_d], and its global group
+        id [G_d] (its scratch slot is q + K + 2 + that id)."""
+        lv = self.levels
+        return h[:, lv.parent[d]], self.tokens[:, lv.group_nodes[d]], lv.groups[d]
+
     def drafts(self) -> Drafts:
         return Drafts(self.tokens[:, 1:], self.q)
 
 
-def refresh(model: MultiTokenModel, cache: KVCache, levels: Levels, carry: list[Tensor],
-            h0: Tensor, emitted: Tensor, pos: Tensor, a: Tensor, drafter: TreeDrafter,
+def refresh(model: MultiTokenModel, cache: KVCache, carry: list[Tensor], h0: Tensor,
+            emitted: Tensor, pos: Tensor, a: Tensor, drafter: Drafter,
             depth: int | None = None) -> list[Tensor]:
     """The end of a step (module docstring): bring draft heads 1..depth (default: the tree's
-    depth K) up to the new frontier, and draft the next tree (`levels`, depth K) through
+    depth K) up to the new frontier, and draft the next tree (the drafter's, depth K) through
     `drafter` between the head calls (head k+1's query columns read the drafts of depth k).
     Heads past K (a server keeps the heads of its deepest tree exact while a step runs a
     shallower one) run their exact columns only.
@@ -172,7 +207,7 @@ def refresh(model: MultiTokenModel, cache: KVCache, levels: Levels, carry: list[
     valid = col[None] <= a[:, None]  # [B, K+1]
     garbage = q[:, None] + 1 + col[None]  # slots past q for unused columns
     scratch = q[:, None] + K + 2  # + group id: each query column's own slot
-    kv = int(q.max()) + K + 2 + levels.n_groups
+    kv = int(q.max()) + K + 2 + drafter.n_groups
     # head 1: positions p..p+a, h_0 there (chain node i sits at position p+i)
     p1 = pos[:, None] + col[None]
     h = run_draft_head(model, 1, cache, h0, emitted, p1, torch.where(valid, p1, garbage), kv)
@@ -185,12 +220,11 @@ def refresh(model: MultiTokenModel, cache: KVCache, levels: Levels, carry: list[
         hin = torch.cat([carry[k - 2][:, None], h[:, :K]], 1)
         tin, pin, sin = emitted, pk.clamp(min=0), torch.where(ok, pk, garbage)
         drafts = k <= K
-        if drafts:  # query columns beside the exact ones
-            g = levels.groups[k - 1]  # groups at depth k-1: head k drafts their children
-            n_q = g.shape[0]
-            hin = torch.cat([hin, h_query[:, levels.parent[k - 1]]], 1)
-            tin = torch.cat([tin, drafter.tokens[:, levels.group_nodes[k - 1]]], 1)
-            pin = torch.cat([pin, q[:, None].expand(B, n_q)], 1)
+        if drafts:  # query columns beside the exact ones: the groups at depth k-1
+            hq, tq, g = drafter.query(k - 1, h_query)
+            hin = torch.cat([hin, hq], 1)
+            tin = torch.cat([tin, tq], 1)
+            pin = torch.cat([pin, q[:, None].expand(B, g.shape[0])], 1)
             sin = torch.cat([sin, scratch + g[None]], 1)
         out_k = run_draft_head(model, k, cache, hin, tin, pin, sin, kv)
         h, h_query = out_k[:, :K + 1], out_k[:, K + 1:]
@@ -209,24 +243,23 @@ def refresh_and_draft(model: MultiTokenModel, engine: Engine, cache: KVCache, le
     K = h0.shape[1] - 1
     rows = torch.arange(pos.shape[0], device=pos.device)
     drafter = TreeDrafter(engine, levels, emitted[rows, a], [(None, sampling, generator)])
-    new_carry = refresh(model, cache, levels, carry, h0, emitted, pos, a, drafter)
+    new_carry = refresh(model, cache, carry, h0, emitted, pos, a, drafter)
     return drafter.drafts(), new_carry[:K - 1]
 
 
-def draft_tree(model: MultiTokenModel, cache: KVCache, levels: Levels, q: Tensor, h1: Tensor,
-               drafter: TreeDrafter) -> None:
-    """The tree's drafts from h_1[q] [B, D] (q [B]: the draft positions) when no exact run
+def draft_tree(model: MultiTokenModel, cache: KVCache, q: Tensor, h1: Tensor,
+               drafter: Drafter) -> None:
+    """The drafter's tree from h_1[q] [B, D] (q [B]: the draft positions) when no exact run
     goes with them (prefill, or a switch of tree): each depth's query columns run alone (a
     step runs them beside the heads' exact runs), writing to their scratch slots only."""
     drafter.children(0, h1[:, None])
-    K, B = levels.depth, h1.shape[0]
-    kv = int(q.max()) + K + 2 + levels.n_groups
+    K, B = drafter.depth, h1.shape[0]
+    kv = int(q.max()) + K + 2 + drafter.n_groups
     h = h1[:, None]
     for k in range(2, K + 1):
-        g = levels.groups[k - 1]
-        tok = drafter.tokens[:, levels.group_nodes[k - 1]]
-        h = run_draft_head(model, k, cache, h[:, levels.parent[k - 1]], tok,
-                           q[:, None].expand(B, g.shape[0]), q[:, None] + K + 2 + g[None], kv)
+        hq, tok, g = drafter.query(k - 1, h)
+        h = run_draft_head(model, k, cache, hq, tok, q[:, None].expand(B, g.shape[0]),
+                           q[:, None] + K + 2 + g[None], kv)
         drafter.children(k - 1, h)
 
 
@@ -314,7 +347,7 @@ class ConditionedDecoder:
         self.carry = carry[:self.k - 1]  # head k's output at its last exact position, k < K
         drafter = TreeDrafter(self.engine, self.levels, self.tok,
                               [(None, self.sampling, self.generator)])
-        draft_tree(self.model, self.cache, self.levels, self.q, carry[0], drafter)
+        draft_tree(self.model, self.cache, self.q, carry[0], drafter)
         self.drafts = drafter.drafts()
         return self.tok
 

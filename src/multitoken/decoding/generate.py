@@ -1,8 +1,9 @@
 """The decoding driver: plain (one token per forward) and self-speculative (chain, tree), batched.
 
     generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             speculative="off" | "chain" | "tree", num_drafts=None, stop=None, tree=None,
-             generator=None, stream=None, on_step=None) -> GenerationResult
+             speculative="off" | "chain" | "tree" | "dynamic", num_drafts=None, stop=None,
+             tree=None, dynamic="2x2", generator=None, stream=None,
+             on_step=None) -> GenerationResult
 
 Batches: prompts of different lengths are right-padded into one prefill; every sequence then
 keeps its own position (cache slot == position), so with speculation each sequence accepts its
@@ -16,6 +17,9 @@ Conventions:
   processed distribution).
 - speculative="chain" with k drafts is the tree `Tree.chain(k)`: one speculation path serves
   both (see `speculate.py`).
+- speculative="dynamic" (token-conditioned heads only): a tree re-shaped per step and per row
+  by cumulative draft probability, EAGLE-2 style (`dynamic.py`); dynamic="TOP_KxBEAM" its
+  shape, num_drafts its depth.
 - A model with n_future=1 has no draft heads: asking it to speculate is an error (not a silent
   fallback), so a benchmark can never report a "speculative" number that was plain decoding.
 - Stats: `forwards` counts decode model calls (the prefill is counted separately);
@@ -39,6 +43,7 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding.conditioned import ConditionedDecoder
+from multitoken.decoding.dynamic import DynamicDecoder, DynamicShape
 from multitoken.decoding.engine import Engine, prefill
 from multitoken.decoding.sampling import Sampling, pick
 from multitoken.decoding.speculate import SpeculativeDecoder, StepOut
@@ -46,7 +51,7 @@ from multitoken.decoding.tree import Tree, default_tree
 from multitoken.errors import MultitokenError
 from multitoken.model import KVCache, MultiTokenModel, causal_context
 
-SPECULATIVE_MODES = ("off", "chain", "tree")
+SPECULATIVE_MODES = ("off", "chain", "tree", "dynamic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +213,7 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, speculative: str = "off", num_drafts: int | None = None,
              stop: int | Sequence[int] | None = None, tree: Sequence[Sequence[int]] | None = None,
-             generator: torch.Generator | None = None,
+             dynamic: str = "2x2", generator: torch.Generator | None = None,
              stream: Callable[[list[list[int]]], None] | None = None,
              on_step: Callable[[StepOut], None] | None = None) -> GenerationResult:
     """Decode up to `max_new_tokens` per prompt. See the module docstring for conventions.
@@ -217,6 +222,8 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
     ([T] or [B, T], all rows prompts of length T). tree: for speculative="tree", a list of paths
     of child indices, e.g. [(0,), (1,), (0, 0)] (greedy: top-k ranks; sampling: draw order, the
     tree gives the shape; default: `tree.default_tree`); num_drafts then caps its depth.
+    dynamic: for speculative="dynamic", "TOP_KxBEAM" (children per expanded node x nodes
+    expanded per depth; `dynamic.DynamicShape`), num_drafts deep.
     stream: called after every step with the tokens each sequence gained. on_step: called
     with every decode step's raw `StepOut` (one row per sequence still decoding, before
     truncation at a stop token or max_new_tokens), e.g. to count the accepted tree nodes
@@ -237,9 +244,12 @@ def generate(model: MultiTokenModel, prompt_ids: list[list[int]] | list[int] | T
     if max_new_tokens == 0:
         return GenerationResult(out, stats, reasons)
 
-    decoder: PlainDecoder | SpeculativeDecoder | ConditionedDecoder
+    decoder: PlainDecoder | SpeculativeDecoder | ConditionedDecoder | DynamicDecoder
     if speculative == "off":
         decoder = PlainDecoder(model, sampling, generator)
+    elif speculative == "dynamic":
+        decoder = DynamicDecoder(model, DynamicShape.parse(dynamic, k), sampling, generator)
+        stats.tree_size = decoder.shape.size
     else:
         if speculative == "chain":
             t = Tree.chain(k)

@@ -76,9 +76,12 @@ class Drafts:
 
     tokens: Tensor  # [B, N] in node order (depth-first)
     q: Tensor | None = None  # [B, G, V] per sibling group: the draft head's processed distribution
+    # [B, G]: the node each sibling group hangs off, per row (dynamic trees, `dynamic.py`)
+    group_node: Tensor | None = None
 
     def select(self, rows: Tensor) -> Drafts:
-        return Drafts(self.tokens[rows], None if self.q is None else self.q[rows])
+        return Drafts(self.tokens[rows], None if self.q is None else self.q[rows],
+                      None if self.group_node is None else self.group_node[rows])
 
 
 def top_candidates(logits: Tensor, r: int) -> Tensor:

@@ -147,7 +147,7 @@ class ConditionedRows:
         self.carry[:, start:start + m] = torch.stack(carry)
         self.q[start:start + m] = last
         drafter = TreeDrafter(self.engine, self.levels[ti], first, parts)
-        draft_tree(self.model, cache, self.levels[ti], last, carry[0], drafter)
+        draft_tree(self.model, cache, last, carry[0], drafter)
         return drafter.drafts()
 
     def step(self, n: int, ti: int, h0: Tensor, emitted: Tensor, pos: Tensor, a: Tensor,
@@ -157,8 +157,8 @@ class ConditionedRows:
         accepted. Returns the next drafts for trees[ti]."""
         rows = torch.arange(n, device=pos.device)
         drafter = TreeDrafter(self.engine, self.levels[ti], emitted[rows, a], parts)
-        carry = refresh(self.model, cache_rows(self.cache, 0, n), self.levels[ti],
-                        list(self.carry[:, :n]), h0, emitted, pos, a, drafter, self.depth)
+        carry = refresh(self.model, cache_rows(self.cache, 0, n), list(self.carry[:, :n]), h0,
+                        emitted, pos, a, drafter, self.depth)
         self.carry[:, :n] = torch.stack(carry)
         self.q[:n] = pos + a
         return drafter.drafts()
@@ -168,8 +168,8 @@ class ConditionedRows:
         `parts` draw (the others' query columns write to their scratch slots only, which
         nothing else reads), so the caller keeps those rows' drafts only."""
         drafter = TreeDrafter(self.engine, self.levels[ti], root, parts)
-        draft_tree(self.model, cache_rows(self.cache, 0, n), self.levels[ti], self.q[:n],
-                   self.carry[0, :n], drafter)
+        draft_tree(self.model, cache_rows(self.cache, 0, n), self.q[:n], self.carry[0, :n],
+                   drafter)
         return drafter.drafts()
 
 
