@@ -257,8 +257,19 @@ def test_token_conditioned_model_runs_chains_and_trees(tmp_path, capsys):
     save_checkpoint(tmp_path / "tc", model, ByteTokenizer(),
                     run_config=json.loads((ck / "config.json").read_text())["run"], step=1)
     res, _ = _bench(capsys, "--checkpoint", str(tmp_path / "tc"), *TINY,
-                    "--sampling", "greedy,0.8:0.95")
+                    "--sampling", "greedy,0.8:0.95", "--dynamic", "2x1")
     for run in res["runs"]:
-        assert set(run["modes"]) == {"plain", "chain-1", "chain-2", "chain-3", "tree"}
+        assert set(run["modes"]) == {"plain", "chain-1", "chain-2", "chain-3", "tree",
+                                     "dynamic-2x1"}
         assert run["tree"]["size"] > run["tree"]["depth"]  # the default tree branches
-    assert res["exact"] is True  # greedy chains and tree token for token
+    assert res["exact"] is True  # greedy chains, tree and dynamic tree token for token
+    assert "7" in res["forward_cost"]  # the dynamic tree's width: 2 + 2 + 2 nodes + the root
+    argv = ["generate", "--prompt", "def f(", "--max-new-tokens", "12", "--speculative",
+            "dynamic", "--dynamic", "2x1"]
+    assert main([*argv, "--checkpoint", str(tmp_path / "tc")]) == 0
+    assert "[dynamic tree 2x1, 6 nodes, depth 3]" in capsys.readouterr().out
+    assert main([*argv, "--checkpoint", str(ck)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "token_conditioned" in err[0]
+    line = _one_error_line(capsys, _argv(ck, "--dynamic", "2x1"))  # parallel heads: refused
+    assert "token_conditioned" in line

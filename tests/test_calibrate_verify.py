@@ -143,6 +143,28 @@ def test_candidates_and_ties():
     assert fastest({"chain-3": 100.0, "tree-5": 103.0}, [a, b]) is b
 
 
+def test_a_dynamic_tree_that_decodes_fastest_is_chosen_with_the_best_static_beside_it():
+    grown = [(0,), (1,), (0, 0), (2,), (0, 1), (0, 0, 0)]
+    choice = {"expected_speedup": {"chain": {"1": 1.3, "2": 1.4, "3": 1.35},
+                                   "tree": {"3": 1.5, "5": 1.4}},
+              "best_k": 2, "tree": [[0], [1], [0, 0]], "best_mode": "tree"}
+    cands = candidates(choice, grown, 3, dynamic=("2x1", "2x2"))
+    assert [c.name for c in cands][-2:] == ["dynamic-2x1", "dynamic-2x2"]
+    assert cands[-1].size == 10 and cands[-1].predicted is None
+    ps = [[1, 2, 3]] * 2
+    pace = {"plain": 1.0, "chain": 0.8, "tree-3": 0.7, "dynamic-2x2": 0.5}
+    v = Verification(ps, 2, 8, paced_timer(pace), dynamic=("2x1", "2x2"))
+    out = v.apply(choice, grown, 3, 1, S)
+    assert (out["best_mode"], out["dynamic"], out["static_mode"]) == ("dynamic", "2x2", "tree")
+    assert out["tree"] == [list(p) for p in Tree(grown[:3]).paths]  # the best static tree
+    assert out["verified"]["chosen"] == "dynamic-2x2"
+    assert out["verified"]["candidates"]["dynamic-2x2"]["dynamic"] == "2x2"
+    # a static winner: no dynamic fields
+    out = Verification(ps, 2, 8, paced_timer({**pace, "dynamic-2x2": 0.9}),
+                       dynamic=("2x2",)).apply(choice, grown, 3, 1, S)
+    assert out["best_mode"] == "tree" and "dynamic" not in out
+
+
 def test_verification_prompts_and_batches():
     toks = list(range(1000))
     ps = verification_prompts(toks, 3, 10, n_acceptance=4)
@@ -176,6 +198,8 @@ def test_cli_writes_the_verification(tmp_path, capsys):
                    for x in v["candidates"].values())
         assert part["tree"] == v["candidates"][v["chosen"]]["tree"]
     assert cli_main(["calibrate", "--checkpoint", str(ck), "--verify-prompts", "-1"]) == 2
+    assert cli_main(["calibrate", "--checkpoint", str(ck), "--dynamic", "2x1"]) == 2
+    assert "token_conditioned" in capsys.readouterr().err
 
 
 def test_token_conditioned_calibration_verifies_chains_and_trees_by_decoding():
@@ -185,18 +209,21 @@ def test_token_conditioned_calibration_verifies_chains_and_trees_by_decoding():
     model = trained_model("token_conditioned")
     cal = calibrate(model, pattern_tokens(3000, seed=3), n_prompts=4, prompt_len=16,
                     gen_len=40, max_nodes=12, reps=2, sampling=[S], verify_prompts=2,
-                    verify_tokens=24, batch_sizes=(1, 2))
+                    verify_tokens=24, batch_sizes=(1, 2), dynamic=("2x1",))
     trees: set[str] = set()
     for part in (cal, cal["sampling"][S.label]):
-        assert part["best_mode"] in ("chain", "tree", "off")
+        assert part["best_mode"] in ("chain", "tree", "dynamic", "off")
         for c in part["by_batch_size"].values():
             assert c["expected_speedup"]["tree"]
             names = set(c["verified"]["candidates"])
-            assert {"chain-1", "chain-2", "chain-3"} <= names
+            assert {"chain-1", "chain-2", "chain-3", "dynamic-2x1"} <= names
             trees.update(n for n in names if n.startswith("tree-"))
             assert all(x["measured_speedup"] > 0 for x in c["verified"]["candidates"].values())
         assert set(part["forward_cost"]["1"]["chain_ms"]) == {"1", "2", "3"}
     assert trees, "some branching tree was decoded (a chain-shaped best tree is a chain)"
     assert len(cal["acceptance"]["chain"]) == 3 and cal["acceptance"]["chain"][0] > 0.5
+    with pytest.raises(MultitokenError, match="token_conditioned"):
+        calibrate(trained_model(), pattern_tokens(3000, seed=3), n_prompts=2, prompt_len=16,
+                  gen_len=20, reps=1, verify_prompts=1, dynamic=("2x1",))
     reach = cal["sampling"][S.label]["reach"]
     assert 1 >= reach["0"] >= reach["0,0"] >= reach["0,0,0"] > 0 and reach["1"] > 0

@@ -150,6 +150,14 @@ def test_choose_tree():
     assert choose_tree(tc, "auto", None)[0].paths == Tree.chain(3).paths
     assert choose_tree(tc, "tree", None)[0].paths == Tree(default_tree(3)).paths
     assert choose_tree(tc, "chain-1", None)[0].paths == Tree.chain(1).paths
+    # a calibrated dynamic tree (generate runs those): the server runs the best static one
+    dyn = {"best_mode": "dynamic", "dynamic": "2x2", "static_mode": "tree", "best_k": 2,
+           "tree": [[0], [1], [0, 0]]}
+    assert choose_tree(tc, "auto", dyn)[0].paths == [(0,), (0, 0), (1,)]
+    assert choose_tree(tc, "auto", {**dyn, "static_mode": "chain"})[0].paths == \
+        Tree.chain(2).paths
+    assert setting_trees(tc, "auto", Tree.chain(3), {"sampling": {"T=1": dyn}})["T=1"].paths \
+        == [(0,), (0, 0), (1,)]
 
 
 def test_a_failing_step_fails_its_sequences_and_the_loop_goes_on():

@@ -19,6 +19,9 @@ Which text: every mode's output and the real continuations get their distinct-8-
 (`bench.common.distinct_ngram_ratio`). Output that loops (a low ratio) is easy to draft; a speed
 measured on it says little about text like the real continuation.
 
+`--dynamic 2x1,2x2` (token-conditioned heads): also dynamic trees (EAGLE-2 style, re-shaped per
+step and row; `decoding/dynamic.py`), one mode "dynamic-<shape>" each.
+
 `--baselines` (greedy only): transformers' greedy `generate` and prompt-lookup decoding on the
 same weights and prompts, in the same interleaved rotation (see bench/hf_baselines.py).
 
@@ -68,6 +71,7 @@ from multitoken.decoding.calibrate import (
     unseen_tokens,
     validation_tokens,
 )
+from multitoken.decoding.dynamic import DynamicShape
 from multitoken.decoding.generate import generate
 from multitoken.decoding.sampling import Sampling, checked_sampling
 from multitoken.decoding.sampling import sampling_list as parse_sampling_settings
@@ -314,12 +318,19 @@ def _plot(path: Path, runs: list[dict[str, Any]], reference: float | None, n_hea
         for v, offset in points:
             axes[1].annotate(_d8(v["distinct_8"]), (v["heads"], v["tokens_per_forward"]),
                              textcoords="offset points", xytext=offset, fontsize=7, color=c)
+        dynamic = [v for m, v in modes.items() if m.startswith("dynamic-")]
+        for ax, key, _ in panels:
+            ax.plot([v["heads"] for v in dynamic], [v[key] for v in dynamic], "D", color=c,
+                    markersize=6, fillstyle="none")
         for (name, v), marker in zip(run.get("baselines", {}).items(), ("^", "v")):
             for ax, key, _ in panels:
                 ax.plot([v["heads"]], [v[key]], marker, color="black", markersize=8,
                         fillstyle="none", label=f"{name} (distinct-{NGRAM} {_d8(v['distinct_8'])})")
     if any("tree" in run["modes"] for run in runs):
         axes[0].plot([], [], "s", color="grey", markersize=9, label="tree (squares)")
+    if any(m.startswith("dynamic-") for run in runs for m in run["modes"]):
+        axes[0].plot([], [], "D", color="grey", fillstyle="none",
+                     label="dynamic trees (diamonds)")
     for ax, _, ylabel in panels:
         ax.set_xticks(range(1, n_heads + 1))
         ax.set_xlabel("heads used (head 1 + draft heads)")
@@ -369,6 +380,9 @@ def build_parser() -> cliargs.ArgumentParser:
     p.add_argument("--tree-size", type=cliargs.positive_int, default=None,
                    help="tree of this many nodes: the first ones of the calibrated growth order "
                    "(most likely accepted first), instead of the calibrated best tree")
+    p.add_argument("--dynamic", default=None, metavar="SHAPES",
+                   help="also run dynamic trees (token-conditioned heads, EAGLE-2 style), "
+                   "comma-separated TOP_KxBEAM shapes, all draft heads deep, e.g. 2x1,2x2")
     p.add_argument("--temperature", type=float, default=None,
                    help="sample at this temperature (default: greedy)")
     p.add_argument("--top-p", type=float, default=None,
@@ -466,6 +480,13 @@ def main(argv: list[str]) -> int:
     for k in ks:
         modes[f"chain-{k}"] = {"speculative": "chain", "num_drafts": k}
     heads_used = {"plain": 1, **{f"chain-{k}": k + 1 for k in ks}}
+    dyn_shapes = [DynamicShape.parse(x.strip(), n - 1)
+                  for x in (args.dynamic or "").split(",") if x.strip()]
+    if dyn_shapes and not model.conditioned:
+        raise ConfigError("--dynamic: dynamic trees need token_conditioned heads")
+    for shape in dyn_shapes:
+        modes[f"dynamic-{shape.label}"] = {"speculative": "dynamic", "dynamic": shape.label}
+        heads_used[f"dynamic-{shape.label}"] = n
     if not args.no_tree:
         modes["tree"] = {"speculative": "tree"}  # the setting's tree, below
 
@@ -504,7 +525,8 @@ def main(argv: list[str]) -> int:
     if hf is not None:
         hf.close()
 
-    widths = sorted({1, *(k + 1 for k in ks), *(t.size + 1 for t, _ in trees.values() if t)})
+    widths = sorted({1, *(k + 1 for k in ks), *(t.size + 1 for t, _ in trees.values() if t),
+                     *(d.size + 1 for d in dyn_shapes)})
     shapes = [(1, 1)] + [(m, n) for m in widths]
     t = time_forwards(model, shapes, batch_size=args.batch_size, context=prompt_len,
                       reps=args.reps)

@@ -11,9 +11,12 @@ import torch
 from multitoken import cliargs
 from multitoken.checkpoint import load_checkpoint
 from multitoken.decoding.calibrate import calibrate, save_calibration, validation_tokens
+from multitoken.decoding.dynamic import DynamicShape
 from multitoken.decoding.sampling import sampling_list
 from multitoken.decoding.tree import Tree
 from multitoken.devices import resolve_device
+from multitoken.errors import ConfigError
+from multitoken.model import MultiTokenModel
 
 
 def build_parser() -> cliargs.ArgumentParser:
@@ -54,10 +57,33 @@ def build_parser() -> cliargs.ArgumentParser:
     p.add_argument("--verify-tokens", type=cliargs.positive_int, default=256,
                    help="tokens decoded per verification prompt (default 256: short decodes "
                    "understate speedups at batch > 1, where a step waits for the slowest row)")
+    p.add_argument("--dynamic", default="auto",
+                   help="dynamic tree shapes (TOP_KxBEAM, comma-separated) verified by decoding "
+                   "beside the static candidates; token-conditioned heads only (default auto: "
+                   "2x1,2x2 for them, none otherwise; 'none' to skip)")
     cliargs.add_device_argument(p)
     cliargs.add_dtype_argument(p)
     cliargs.add_threads_argument(p)
     return p
+
+
+def _pred(cand: dict[str, Any]) -> str:
+    p = cand.get("predicted_speedup")
+    return "-" if p is None else f"{p:.2f}x"
+
+
+def dynamic_shapes(text: str, model: MultiTokenModel) -> list[str]:
+    """--dynamic: the shapes to verify (checked here, so a typo fails before any decoding)."""
+    if text == "auto":
+        return ["2x1", "2x2"] if model.conditioned else []
+    if text == "none":
+        return []
+    if not model.conditioned:
+        raise ConfigError("--dynamic: dynamic trees need token_conditioned heads")
+    shapes = [x.strip() for x in text.split(",") if x.strip()]
+    for x in shapes:
+        DynamicShape.parse(x, model.n_future - 1)
+    return shapes
 
 
 def _report(name: str, part: dict[str, Any]) -> None:
@@ -76,7 +102,7 @@ def _report(name: str, part: dict[str, Any]) -> None:
               f"chain {chain}; {best_tree} -> {model_choice['best_mode']}")
         if "verified" in c:
             v = c["verified"]
-            runs = ", ".join(f"{n}: {x['measured_speedup']:.2f}x ({x['predicted_speedup']:.2f}x)"
+            runs = ", ".join(f"{n}: {x['measured_speedup']:.2f}x ({_pred(x)})"
                              for n, x in v["candidates"].items())
             print(f"{name}, batch {B}: measured (predicted) speedup over plain "
                   f"{v['plain_tok_s']:.1f} tok/s: {runs} -> {v['chosen']}, {c['best_mode']} "
@@ -95,7 +121,8 @@ def main(argv: list[str]) -> int:
                     gen_len=args.gen_len, max_rank=args.max_rank, max_nodes=args.max_nodes,
                     batch_sizes=batch_sizes, reps=args.reps, sampling=args.sampling,
                     seed=args.seed, verify_prompts=args.verify_prompts,
-                    verify_tokens=args.verify_tokens, log=print)
+                    verify_tokens=args.verify_tokens,
+                    dynamic=dynamic_shapes(args.dynamic, model), log=print)
     out = save_calibration(args.checkpoint, cal)
     acc = ", ".join(f"{a:.2f}" for a in cal["acceptance"]["chain"])
     print(f"greedy: top-1 acceptance of heads 2..{model.n_future} (given earlier accepted): "

@@ -106,6 +106,10 @@ def build_parser() -> cliargs.ArgumentParser:
                    help="decoding mode (default auto: the calibrated one)")
     p.add_argument("--num-drafts", type=cliargs.positive_int, default=None,
                    help="drafts per step (chain) or maximum tree depth")
+    p.add_argument("--dynamic", default=None, metavar="TOP_KxBEAM",
+                   help="with --speculative dynamic (token-conditioned heads): children per "
+                   "expanded node x nodes expanded per depth (default: the calibrated shape, "
+                   "else 2x2)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     cliargs.add_device_argument(p)
@@ -133,6 +137,7 @@ def main(argv: list[str]) -> int:
         tree = calib.get("tree")
     if calib and mode == "chain" and num_drafts is None:
         num_drafts = calib.get("best_k")
+    dynamic = args.dynamic or (calib or {}).get("dynamic") or "2x2"
     check_num_drafts(model, mode, num_drafts)
     ids = tokenizer.encode_prompt(text)  # bos first where the model was trained with one
     # Lowered to fit (with a note) only after everything else is known to be valid, so a note
@@ -150,12 +155,13 @@ def main(argv: list[str]) -> int:
     res = generate(model, ids, max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, speculative=mode, num_drafts=num_drafts,
                    stop=None if args.no_stop else tokenizer.eos_id, tree=tree,
-                   generator=generator, stream=printer)
+                   dynamic=dynamic, generator=generator, stream=printer)
     printer.finish()
     s = res.stats
     desc = {"off": "plain (head 1 only)", "chain": f"chain, {s.num_drafts} drafts per step",
             "tree": f"tree, {s.tree_size} nodes, depth {s.num_drafts}, "
-                    f"{source if tree else 'default'}"}[mode]
+                    f"{source if tree else 'default'}",
+            "dynamic": f"dynamic tree {dynamic}, {s.tree_size} nodes, depth {s.num_drafts}"}[mode]
     print(f"\n[{desc}] {s.new_tokens} tokens in {s.wall_time_s:.2f} s "
           f"({s.tokens_per_second:.1f} tok/s), {s.forwards} forwards + {s.prefill_forwards} "
           "prefill, "

@@ -67,13 +67,20 @@ def choose_tree(model: MultiTokenModel, spec: str,
     # auto
     if not calib:
         return Tree.chain(n - 1), f"chain-{n - 1} (no calibration)"
-    mode = calib.get("best_mode", "chain")
+    mode = static_mode(calib)
     if mode == "tree":
         return Tree(calib["tree"], max_depth=n - 1), "tree (calibrated)"
     if mode == "off":
         return None, "off (calibrated)"
     k = min(int(calib.get("best_k", n - 1)), n - 1)
     return Tree.chain(k), f"chain-{k} (calibrated)"
+
+
+def static_mode(calib: dict[str, Any]) -> str:
+    """The calibrated mode among those the server runs: where a dynamic tree won (`generate`
+    runs those), the best static candidate's mode."""
+    mode = calib.get("best_mode", "chain")
+    return calib.get("static_mode", "chain") if mode == "dynamic" else mode
 
 
 def setting_trees(model: MultiTokenModel, spec: str, base: Tree | None,
@@ -87,7 +94,7 @@ def setting_trees(model: MultiTokenModel, spec: str, base: Tree | None,
     n = model.n_future
     out: dict[str, Tree] = {}
     for label, part in (calib.get("sampling") or {}).items():
-        mode = part.get("best_mode", "chain")
+        mode = static_mode(part)
         if mode == "tree":
             out[label] = Tree(part["tree"], max_depth=n - 1)
         elif mode == "chain":

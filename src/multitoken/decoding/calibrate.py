@@ -256,12 +256,13 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
               batch_sizes: tuple[int, ...] = (1,), reps: int = 20,
               sampling: Sequence[Sampling] = (), seed: int = 0, verify_prompts: int = 0,
               verify_tokens: int = 128, decode_timer: DecodeTimer | None = None,
-              log: Any = None) -> dict[str, Any]:
+              dynamic: Sequence[str] = (), log: Any = None) -> dict[str, Any]:
     """Measure acceptance and forward costs; return the calibration (see module docstring):
     greedy's, and one per sampling setting in `sampling` (greedy ones there are skipped: greedy
     is always calibrated). seed: the sampled decoding's (and the verification's).
     verify_prompts > 0: choose by decoding that many held-out prompts x verify_tokens with the
-    candidates, timed by decode_timer (default: `generate` calls); 0: the model's choice."""
+    candidates, timed by decode_timer (default: `generate` calls), and the dynamic trees
+    `dynamic` ("TOP_KxBEAM"; token-conditioned heads) beside them; 0: the model's choice."""
     cfg = model.cfg
     D = model.n_future - 1
     if D < 1:
@@ -286,7 +287,7 @@ def calibrate(model: MultiTokenModel, val_tokens: np.ndarray | Tensor, *, n_prom
     context = prompt_len + gen_len // 2
     verify = None if verify_prompts <= 0 else make_verification(
         model, val_tokens, verify_prompts, verify_tokens, prompt_len, n_prompts, batch_sizes,
-        seed=seed, timer=decode_timer, log=say)
+        seed=seed, timer=decode_timer, dynamic=dynamic, log=say)
     choices, costs = choose(model, chain_e, tree_e, grown, batch_sizes, reps, context, None, say,
                             verify)
     first = choices[str(batch_sizes[0])]

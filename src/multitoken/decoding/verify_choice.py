@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from multitoken.data import prompts_from
+from multitoken.decoding.dynamic import DynamicShape
 from multitoken.decoding.generate import generate
 from multitoken.decoding.sampling import Sampling
 from multitoken.decoding.tree import Path as TreePath
@@ -43,13 +44,14 @@ WARMUP_TOKENS = 16
 class Candidate:
     """A speculation tree to verify (a chain is a tree), with the model's expected speedup."""
 
-    name: str  # "chain-2", "tree-5"
+    name: str  # "chain-2", "tree-5", "dynamic-2x2"
     paths: tuple[TreePath, ...]
-    predicted: float
+    predicted: float | None  # None: no model (dynamic trees)
+    dynamic: DynamicShape | None = None  # a dynamic tree (token-conditioned heads) instead
 
     @property
     def size(self) -> int:
-        return len(self.paths)
+        return len(self.paths) if self.dynamic is None else self.dynamic.size
 
     @property
     def is_chain(self) -> bool:
@@ -68,11 +70,14 @@ def generate_timer(model: MultiTokenModel) -> DecodeTimer:
 
     def run(sampling: Sampling, cand: Candidate | None, batch: list[list[int]],
             new_tokens: int, seed: int) -> tuple[int, float]:
+        mode: dict[str, Any] = ({"speculative": "off"} if cand is None else
+                                {"speculative": "tree", "tree": cand.paths}
+                                if cand.dynamic is None else
+                                {"speculative": "dynamic", "dynamic": cand.dynamic.label,
+                                 "num_drafts": cand.dynamic.depth})
         res = generate(model, batch, new_tokens, temperature=sampling.temperature,
                        top_k=sampling.top_k, top_p=sampling.top_p,
-                       speculative="off" if cand is None else "tree",
-                       tree=None if cand is None else cand.paths,
-                       generator=torch.Generator(device=device).manual_seed(seed))
+                       generator=torch.Generator(device=device).manual_seed(seed), **mode)
         return res.stats.new_tokens, res.stats.wall_time_s
     return run
 
@@ -88,16 +93,18 @@ def verification_prompts(tokens: np.ndarray | Tensor, n: int, length: int,
 
 
 def candidates(choice: dict[str, Any], grown: list[TreePath], depth: int,
-               extra_trees: int = 2) -> list[Candidate]:
+               extra_trees: int = 2, dynamic: Sequence[str] = ()) -> list[Candidate]:
     """The chains 1..depth, the model's best tree (the first s nodes of `grown` with the
     highest expected speedup in `choice`) and up to `extra_trees` best-expected trees of about
-    2/3 and 3/2 its size; a tree with the nodes of an earlier candidate is left out."""
+    2/3 and 3/2 its size (a tree with the nodes of an earlier candidate is left out); then the
+    dynamic trees `dynamic` ("TOP_KxBEAM", `depth` deep; token-conditioned heads only)."""
     speed = choice["expected_speedup"]
     out = [Candidate(f"chain-{k}", tuple(Tree.chain(k).paths), speed["chain"][str(k)])
            for k in range(1, depth + 1)]
+    dyn = [Candidate(f"dynamic-{d}", (), None, DynamicShape.parse(d, depth)) for d in dynamic]
     trees = {int(s): v for s, v in speed["tree"].items()}
     if not trees:
-        return out
+        return out + dyn
     best = max(trees, key=trees.__getitem__)
     ranges = [lambda s: s == best, lambda s: 3 * s <= 2 * best, lambda s: 2 * s >= 3 * best]
     for keep in ranges[: 1 + max(0, extra_trees)]:
@@ -107,7 +114,7 @@ def candidates(choice: dict[str, Any], grown: list[TreePath], depth: int,
             paths = tuple(Tree(grown[:s]).paths)
             if all(paths != c.paths for c in out):
                 out.append(Candidate(f"tree-{s}", paths, trees[s]))
-    return out
+    return out + dyn
 
 
 def fastest(rates: dict[str, float], cands: list[Candidate]) -> Candidate:
@@ -129,6 +136,7 @@ class Verification:
     timer: DecodeTimer
     seed: int = 0
     extra_trees: int = 2
+    dynamic: tuple[str, ...] = ()  # dynamic tree shapes to try too (token-conditioned heads)
     warmup_tokens: int = WARMUP_TOKENS
     log: Callable[[str], Any] = field(default=lambda *_: None)
 
@@ -163,26 +171,33 @@ class Verification:
               batch_size: int, sampling: Sampling) -> dict[str, Any]:
         """`choice` (one batch size's, from `calibrate.choose`) with best_k, tree and
         best_mode set from measured decoding, the model's own choice under "model_choice",
-        and the measurements under "verified"."""
-        cands = candidates(choice, grown, depth, self.extra_trees)
+        and the measurements under "verified". When a dynamic tree wins, best_mode is
+        "dynamic" and "dynamic" its shape; tree, best_k and "static_mode" then give the best
+        static candidate, for decoders that run static trees only (the server)."""
+        cands = candidates(choice, grown, depth, self.extra_trees, self.dynamic)
         self.log(f"verifying {', '.join(c.name for c in cands)} against plain decoding at "
                  f"batch {batch_size} ({sampling.label}, {self.n_prompts} prompts x "
                  f"{self.new_tokens} tokens)")
         rates = self.rates(sampling, cands, batch_size)
         plain = rates["plain"]
         win = fastest(rates, cands)
+        static = fastest(rates, [c for c in cands if c.dynamic is None])
         win_chain = fastest(rates, [c for c in cands if c.is_chain])
         speedup = {c.name: rates[c.name] / plain if plain > 0 else 0.0 for c in cands}
-        mode = "chain" if win.is_chain else "tree"
+        static_mode = "chain" if static.is_chain else "tree"
+        mode = static_mode if win.dynamic is None else "dynamic"
         top = max(cands, key=lambda c: rates[c.name])
         reason = ("highest measured tokens/s" if top == win else
                   f"measured within {TIE:.0%} of {top.name}, with fewer nodes")
         if speedup[win.name] < 1.0:
             mode, reason = "off", "measured: plain decoding was faster than every candidate"
+        extra = {} if win.dynamic is None else {"dynamic": win.dynamic.label,
+                                                "static_mode": static_mode}
         return {
             **choice,
+            **extra,
             "best_k": win_chain.size,
-            "tree": [list(p) for p in win.paths],
+            "tree": [list(p) for p in static.paths],
             "best_mode": mode,
             "chosen_by": "measured",
             "model_choice": {k: choice[k] for k in ("best_k", "tree", "best_mode")},
@@ -191,6 +206,7 @@ class Verification:
                 "reason": reason,
                 "plain_tok_s": plain,
                 "candidates": {c.name: {"nodes": c.size, "tree": [list(p) for p in c.paths],
+                                        "dynamic": None if c.dynamic is None else c.dynamic.label,
                                         "predicted_speedup": c.predicted,
                                         "measured_speedup": speedup[c.name],
                                         "tok_s": rates[c.name]} for c in cands},
@@ -202,12 +218,15 @@ class Verification:
 def make_verification(model: MultiTokenModel, tokens: np.ndarray | Tensor, n_prompts: int,
                       new_tokens: int, prompt_len: int, n_acceptance: int,
                       batch_sizes: Sequence[int], *, seed: int = 0,
-                      timer: DecodeTimer | None = None,
+                      timer: DecodeTimer | None = None, dynamic: Sequence[str] = (),
                       log: Callable[[str], Any] | None = None) -> Verification:
     """calibrate's verification: enough held-out prompts for every batch size's round, new
-    tokens capped to what the context leaves, `timer` or `generate_timer(model)`."""
+    tokens capped to what the context leaves, `timer` or `generate_timer(model)`; `dynamic`:
+    dynamic tree shapes to try beside the static candidates (token-conditioned heads only)."""
     need = max(-(-n_prompts // B) * B for B in batch_sizes)
+    if dynamic and not model.conditioned:
+        raise MultitokenError("dynamic trees need token_conditioned heads")
     return Verification(verification_prompts(tokens, need, prompt_len, n_acceptance), n_prompts,
                         min(new_tokens, model.cfg.max_seq_len - prompt_len),
-                        timer or generate_timer(model), seed=seed,
+                        timer or generate_timer(model), seed=seed, dynamic=tuple(dynamic),
                         log=log or (lambda *_: None))
