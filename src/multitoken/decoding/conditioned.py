@@ -325,11 +325,21 @@ class ConditionedDecoder:
         if tree.max_rank > model.cfg.vocab_size:
             raise MultitokenError(f"tree uses rank {tree.max_rank - 1}, but the vocabulary has "
                                   f"only {model.cfg.vocab_size} tokens")
-        self.model, self.k, self.tree = model, tree.depth, tree
-        self.engine = Engine(model, 1)
+        self.tree = tree
+        self._init(model, tree.depth, tree.size, sampling, generator)
         self.levels = Levels(tree, self.engine.device)
+
+    def _init(self, model: MultiTokenModel, depth: int, size: int, sampling: Sampling,
+              generator: torch.Generator | None) -> None:
+        """What every token-conditioned decoder keeps (`dynamic.DynamicDecoder` too)."""
+        self.model, self.k = model, depth
+        self.engine = Engine(model, 1)
         self.sampling, self.generator = sampling, generator
-        self.width, self.depth = tree.size + 1, tree.depth
+        self.width, self.depth = size + 1, depth
+
+    def new_drafter(self, root: Tensor) -> Drafter:
+        """The drafter of one step's tree from the roots [B]."""
+        return TreeDrafter(self.engine, self.levels, root, [(None, self.sampling, self.generator)])
 
     # -- the decoder interface ----------------------------------------------------------------
     def start(self, cache: KVCache, idx: Tensor, last: Tensor) -> Tensor:
@@ -339,14 +349,12 @@ class ConditionedDecoder:
         fwd = prefill(self.engine, cache, idx)
         rows = torch.arange(B, device=idx.device)
         self.tok = pick(self.engine.logits(fwd.h0[rows, last]), self.sampling, self.generator)
+        drafter = self.new_drafter(self.tok)
         # Room for a step's unused columns and query columns past its query (`step`).
-        self.cache = self.model.new_draft_cache(
-            B, cache.max_len + self.k + 2 + self.levels.n_groups)
+        self.cache = self.model.new_draft_cache(B, cache.max_len + self.k + 2 + drafter.n_groups)
         self.q = last  # the position every draft is made at
         carry = prefill_draft_heads(self.model, self.cache, fwd.h0, idx, last, self.tok, self.k)
         self.carry = carry[:self.k - 1]  # head k's output at its last exact position, k < K
-        drafter = TreeDrafter(self.engine, self.levels, self.tok,
-                              [(None, self.sampling, self.generator)])
         draft_tree(self.model, self.cache, self.q, carry[0], drafter)
         self.drafts = drafter.drafts()
         return self.tok

@@ -43,13 +43,12 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from multitoken.decoding.conditioned import draft_tree, prefill_draft_heads, refresh
-from multitoken.decoding.engine import Engine, prefill
+from multitoken.decoding.conditioned import ConditionedDecoder, refresh
+from multitoken.decoding.engine import Engine
 from multitoken.decoding.sampling import (
     Sampling,
     accept_drafts,
     draw_distinct,
-    pick,
     process_logits,
     sample,
 )
@@ -282,12 +281,14 @@ class DynamicDrafter:
         return Drafts(self.tokens[:, 1:], self.q, self.group_node)
 
 
-class DynamicDecoder:
+class DynamicDecoder(ConditionedDecoder):
     """generate()'s driver for dynamic trees (module docstring) with token-conditioned heads:
-    the same start / select / step as `conditioned.ConditionedDecoder`."""
+    `ConditionedDecoder`'s start and select (prefill, the draft heads' cache and carry), its
+    own drafter and step."""
 
     def __init__(self, model: MultiTokenModel, shape: DynamicShape, sampling: Sampling,
                  generator: torch.Generator | None) -> None:
+        # (not ConditionedDecoder.__init__: that one takes a static tree)
         if not model.conditioned:
             raise MultitokenError("dynamic trees need token_conditioned heads: parallel heads "
                                   "draft the same children for every node")
@@ -297,36 +298,12 @@ class DynamicDecoder:
         if shape.top_k > model.cfg.vocab_size:
             raise MultitokenError(f"dynamic tree top_k {shape.top_k} exceeds the vocabulary "
                                   f"({model.cfg.vocab_size} tokens)")
-        self.model, self.shape = model, shape
-        self.engine = Engine(model, 1)
+        self.shape = shape
+        self._init(model, shape.depth, shape.size, sampling, generator)
         self.t = shape.tensors(self.engine.device)
-        self.sampling, self.generator = sampling, generator
-        self.width, self.depth = shape.size + 1, shape.depth
 
-    def _drafter(self, root: Tensor) -> DynamicDrafter:
+    def new_drafter(self, root: Tensor) -> DynamicDrafter:
         return DynamicDrafter(self.engine, self.shape, self.t, root, self.sampling, self.generator)
-
-    def start(self, cache: KVCache, idx: Tensor, last: Tensor) -> Tensor:
-        """Prefill right-padded prompts idx [B, T] (last tokens at last [B]); returns the first
-        new token [B] and keeps the first drafts."""
-        K = self.shape.depth
-        fwd = prefill(self.engine, cache, idx)
-        rows = torch.arange(idx.shape[0], device=idx.device)
-        self.tok = pick(self.engine.logits(fwd.h0[rows, last]), self.sampling, self.generator)
-        self.cache = self.model.new_draft_cache(idx.shape[0],
-                                                cache.max_len + K + 2 + self.shape.n_groups)
-        self.q = last
-        carry = prefill_draft_heads(self.model, self.cache, fwd.h0, idx, last, self.tok, K)
-        self.carry = carry[:K - 1]
-        drafter = self._drafter(self.tok)
-        draft_tree(self.model, self.cache, self.q, carry[0], drafter)
-        self.drafts = drafter.drafts()
-        return self.tok
-
-    def select(self, rows: Tensor) -> None:
-        self.tok, self.drafts, self.q = self.tok[rows], self.drafts.select(rows), self.q[rows]
-        self.carry = [c[rows] for c in self.carry]
-        self.cache.select_rows(rows)
 
     def step(self, cache: KVCache, pos: Tensor, kv_len: int) -> StepOut:
         """One step from the roots at positions pos [B]: verify the rows' trees, move the
@@ -341,7 +318,7 @@ class DynamicDecoder:
         out = rt.step_out(inp, nxt, acc)
         h0 = rt.path_outputs(fwd.h0, acc)
         rt.compact(cache, pos, acc)
-        drafter = self._drafter(nxt)
+        drafter = self.new_drafter(nxt)
         carry = refresh(self.model, self.cache, self.carry, h0, out.tokens, pos, out.n, drafter)
         self.carry, self.drafts, self.tok = carry[:self.shape.depth - 1], drafter.drafts(), nxt
         self.q = pos + out.n
