@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers_decode import one_thread, random_model, trained_model  # noqa: F401
-from multitoken.decoding.dynamic import DynamicDecoder, DynamicShape, RowTree
+from multitoken.decoding.dynamic import LATER_DRAW, DynamicDecoder, DynamicShape, RowTree
 from multitoken.decoding.generate import generate
 from multitoken.decoding.sampling import Sampling, process_logits
 from multitoken.errors import MultitokenError
@@ -103,7 +103,8 @@ def _drive(model: MultiTokenModel, prompts: list[list[int]], shape: DynamicShape
     against the full uncached forward over (accepted tokens, root, the node's path): every
     expanded node's children come from head depth+2's distribution at q (sampling: its q;
     greedy: its top ranks), and the expanded nodes of each depth are that depth's `beam` best
-    by cumulative draft probability. Returns the drafts accepted and the trees seen (as the
+    by cumulative draft probability (sampling: by draws that were not their parent's first,
+    then that). Returns the drafts accepted and the trees seen (as the
     rows' group_node tuples)."""
     g = torch.Generator().manual_seed(0)
     dec = DynamicDecoder(model, shape, s, g)
@@ -141,8 +142,9 @@ def _drive(model: MultiTokenModel, prompts: list[list[int]], shape: DynamicShape
                         dist = process_logits(logits[None].float(), s)[0]
                         torch.testing.assert_close(dec.drafts.q[b, grp], dist, rtol=0,
                                                    atol=2e-5)
-                    for c in kids:
-                        score[c] = score[v] + float(dist[nodes[c]].log())
+                    for i, c in enumerate(kids):  # sampling: draw order, then probability
+                        later = 0.0 if s.greedy or i == 0 else LATER_DRAW
+                        score[c] = score[v] + float(dist[nodes[c]].log()) - later
                 for d in range(1, K):  # the beam: the best-scored nodes of depth d
                     chosen = dec.drafts.group_node[b, list(shape.groups_at(d))].tolist()
                     ranked = sorted(shape.nodes_at(d), key=lambda j: -score[j])

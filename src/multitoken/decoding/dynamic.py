@@ -6,11 +6,20 @@ not where they hang. Every step, for every row:
 
 - depth 1: the root's c children, from head 1's query output h_1[q] (c draws without
   replacement from q_1 when sampling, the top c under greedy);
-- depth d = 2..K: the W nodes of depth d-1 with the largest cumulative draft probability (the
-  product of the draft probabilities along their paths: q of each draw when sampling, the
-  temperature-1 softmax under greedy) are expanded; ONE call of draft head d over their W
-  query columns (each: its parent's h_{d-1} and its own token, as for static trees in
-  `conditioned.py`) gives each of them c children.
+- depth d = 2..K: the W best-scored nodes of depth d-1 are expanded; ONE call of draft head d
+  over their W query columns (each: its parent's h_{d-1} and its own token, as for static
+  trees in `conditioned.py`) gives each of them c children.
+
+The score. Greedy: EAGLE-2's cumulative draft probability, the product of the draft heads'
+(temperature-1 softmax) probabilities along the node's path. Sampling: a node's siblings are
+draws without replacement, verified in draw order, and a well-fitted draft's FIRST draw is
+accepted with probability near sum(min(p, q)) whatever its own q(x) (min(1, p(x)/q(x)) is near 1
+when q is near p); a later draw is only tried after the earlier ones were rejected. Ranking by
+q alone expands the likelier token even where the first draw, less likely, is the one that gets
+accepted: measured on code-n4-tc at T=0.8, a 2x1 tree so ranked gave 3.41 tokens/forward, fewer
+than the plain chain's 3.50 (docs/decoding.md). So under sampling the score counts the draws
+on the path that were not their parent's first (fewer first, `LATER_DRAW`), then the
+cumulative draft probability (of the processed q each was drawn from).
 
 So a tree has N = c + (K-1) W c nodes, the same for every row (one forward size for the
 batch); what differs per row and step is which node each sibling group hangs off. A row whose
@@ -55,6 +64,10 @@ from multitoken.decoding.sampling import (
 from multitoken.decoding.speculate import Drafts, StepOut
 from multitoken.errors import MultitokenError
 from multitoken.model import DecodeContext, KVCache, MultiTokenModel
+
+# Sampling: a node's score loses this much per draw on its path that was not its parent's
+# first: it outranks every draft probability, so paths of first draws are expanded first.
+LATER_DRAW = 1e3
 
 
 @dataclass(frozen=True)
@@ -231,7 +244,8 @@ class DynamicDrafter:
         B, n = root.shape[0], shape.size + 1
         self.tokens = root.new_zeros(B, n)
         self.tokens[:, 0] = root
-        self.score = torch.zeros(B, n, device=root.device)  # cumulative log draft probability
+        # the nodes' scores (module docstring); float64: LATER_DRAW must not swamp log q's bits
+        self.score = torch.zeros(B, n, dtype=torch.float64, device=root.device)
         self.group_node = root.new_zeros(B, shape.n_groups)
         self.q: Tensor | None = None
 
@@ -255,13 +269,15 @@ class DynamicDrafter:
         else:
             q = process_logits(logits, self.sampling)
             draws = draw_distinct(q, c, self.generator)
-            logp = q.gather(-1, draws).log()
+            # Draw order first (see the module docstring), then the draft probability.
+            later = torch.arange(c, device=q.device) > 0
+            logp = q.gather(-1, draws).double().log() - LATER_DRAW * later
             if self.q is None:
                 self.q = q.new_zeros(q.shape[0], self.shape.n_groups, q.shape[-1])
             self.q[:, g] = q
         self.tokens[:, kids] = draws.flatten(1)
         parent_score = self.score.gather(1, self.group_node[:, g])  # [B, G_d]
-        self.score[:, kids] = (parent_score[..., None] + logp).flatten(1)
+        self.score[:, kids] = (parent_score[..., None] + logp.to(self.score.dtype)).flatten(1)
 
     def query(self, d: int, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The beam at depth d >= 1: its W best-scored nodes become the groups at depth d;
