@@ -365,15 +365,22 @@ class ConditionedDecoder:
         self.cache.select_rows(rows)
 
     def step(self, cache: KVCache, pos: Tensor, kv_len: int) -> StepOut:
-        """One step from the root at positions pos [B] (see the module docstring)."""
-        out, self.tok, fwd = verify_step(self.engine, cache, self.tree, self.tok, self.drafts,
-                                         pos, kv_len, self.sampling, self.generator)
+        """One step from the roots at positions pos [B] (see the module docstring): verify the
+        drafts, then bring the draft heads up to the new frontier and draft the next tree."""
+        out, nxt, h0 = self.verify(cache, pos, kv_len)
+        drafter = self.new_drafter(nxt)
+        carry = refresh(self.model, self.cache, self.carry, h0, out.tokens, pos, out.n, drafter)
+        self.carry, self.drafts, self.tok = carry[:self.k - 1], drafter.drafts(), nxt
+        self.q = pos + out.n
+        return out
+
+    def verify(self, cache: KVCache, pos: Tensor, kv_len: int) -> tuple[StepOut, Tensor, Tensor]:
+        """Feed and verify the tree, move the accepted path's keys/values into place: (what
+        the step appends, the next root [B], head 1's outputs along the path [B, K+1, D])."""
+        out, nxt, fwd = verify_step(self.engine, cache, self.tree, self.tok, self.drafts, pos,
+                                    kv_len, self.sampling, self.generator)
         acc = out.node
         assert acc is not None
         h0 = path_outputs(self.tree, fwd.h0, acc)
         compact_path(cache, self.tree, pos, acc)
-        self.drafts, self.carry = refresh_and_draft(
-            self.model, self.engine, self.cache, self.levels, self.carry, h0, out.tokens, pos,
-            out.n, self.sampling, self.generator)
-        self.q = pos + out.n
-        return out
+        return out, nxt, h0

@@ -52,7 +52,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from multitoken.decoding.conditioned import ConditionedDecoder, refresh
+from multitoken.decoding.conditioned import ConditionedDecoder
 from multitoken.decoding.engine import Engine
 from multitoken.decoding.sampling import (
     Sampling,
@@ -299,8 +299,8 @@ class DynamicDrafter:
 
 class DynamicDecoder(ConditionedDecoder):
     """generate()'s driver for dynamic trees (module docstring) with token-conditioned heads:
-    `ConditionedDecoder`'s start and select (prefill, the draft heads' cache and carry), its
-    own drafter and step."""
+    `ConditionedDecoder`'s start, select and step (prefill, the draft heads' cache and carry,
+    their refresh), its own drafter and verification."""
 
     def __init__(self, model: MultiTokenModel, shape: DynamicShape, sampling: Sampling,
                  generator: torch.Generator | None) -> None:
@@ -321,9 +321,8 @@ class DynamicDecoder(ConditionedDecoder):
     def new_drafter(self, root: Tensor) -> DynamicDrafter:
         return DynamicDrafter(self.engine, self.shape, self.t, root, self.sampling, self.generator)
 
-    def step(self, cache: KVCache, pos: Tensor, kv_len: int) -> StepOut:
-        """One step from the roots at positions pos [B]: verify the rows' trees, move the
-        accepted paths into place, then refresh the draft heads and draft the next trees."""
+    def verify(self, cache: KVCache, pos: Tensor, kv_len: int) -> tuple[StepOut, Tensor, Tensor]:
+        """`ConditionedDecoder.verify` for the rows' own trees (`RowTree`)."""
         assert self.drafts.group_node is not None
         rt = RowTree(self.shape, self.t, self.drafts.group_node)
         inp = torch.cat([self.tok[:, None], self.drafts.tokens], 1)  # [B, N+1]
@@ -334,8 +333,4 @@ class DynamicDecoder(ConditionedDecoder):
         out = rt.step_out(inp, nxt, acc)
         h0 = rt.path_outputs(fwd.h0, acc)
         rt.compact(cache, pos, acc)
-        drafter = self.new_drafter(nxt)
-        carry = refresh(self.model, self.cache, self.carry, h0, out.tokens, pos, out.n, drafter)
-        self.carry, self.drafts, self.tok = carry[:self.shape.depth - 1], drafter.drafts(), nxt
-        self.q = pos + out.n
-        return out
+        return out, nxt, h0
