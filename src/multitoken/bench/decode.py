@@ -71,7 +71,7 @@ from multitoken.decoding.calibrate import (
     unseen_tokens,
     validation_tokens,
 )
-from multitoken.decoding.dynamic import DynamicShape
+from multitoken.decoding.dynamic import parse_shapes
 from multitoken.decoding.generate import generate
 from multitoken.decoding.sampling import Sampling, checked_sampling
 from multitoken.decoding.sampling import sampling_list as parse_sampling_settings
@@ -480,10 +480,7 @@ def main(argv: list[str]) -> int:
     for k in ks:
         modes[f"chain-{k}"] = {"speculative": "chain", "num_drafts": k}
     heads_used = {"plain": 1, **{f"chain-{k}": k + 1 for k in ks}}
-    dyn_shapes = [DynamicShape.parse(x.strip(), n - 1)
-                  for x in (args.dynamic or "").split(",") if x.strip()]
-    if dyn_shapes and not model.conditioned:
-        raise ConfigError("--dynamic: dynamic trees need token_conditioned heads")
+    dyn_shapes = parse_shapes(args.dynamic or "", model)
     for shape in dyn_shapes:
         modes[f"dynamic-{shape.label}"] = {"speculative": "dynamic", "dynamic": shape.label}
         heads_used[f"dynamic-{shape.label}"] = n

@@ -11,11 +11,10 @@ import torch
 from multitoken import cliargs
 from multitoken.checkpoint import load_checkpoint
 from multitoken.decoding.calibrate import calibrate, save_calibration, validation_tokens
-from multitoken.decoding.dynamic import DynamicShape
+from multitoken.decoding.dynamic import parse_shapes
 from multitoken.decoding.sampling import sampling_list
 from multitoken.decoding.tree import Tree
 from multitoken.devices import resolve_device
-from multitoken.errors import ConfigError
 from multitoken.model import MultiTokenModel
 
 
@@ -78,12 +77,7 @@ def dynamic_shapes(text: str, model: MultiTokenModel) -> list[str]:
         return ["2x1", "2x2"] if model.conditioned else []
     if text == "none":
         return []
-    if not model.conditioned:
-        raise ConfigError("--dynamic: dynamic trees need token_conditioned heads")
-    shapes = [x.strip() for x in text.split(",") if x.strip()]
-    for x in shapes:
-        DynamicShape.parse(x, model.n_future - 1)
-    return shapes
+    return [shape.label for shape in parse_shapes(text, model)]
 
 
 def _report(name: str, part: dict[str, Any]) -> None:

@@ -62,7 +62,7 @@ from multitoken.decoding.sampling import (
     sample,
 )
 from multitoken.decoding.speculate import Drafts, StepOut
-from multitoken.errors import MultitokenError
+from multitoken.errors import ConfigError, MultitokenError
 from multitoken.model import DecodeContext, KVCache, MultiTokenModel
 
 # Sampling: a node's score loses this much per draw on its path that was not its parent's
@@ -136,6 +136,16 @@ class DynamicShape:
         return {k: torch.tensor(v, device=device) for k, v in self._tables.items()}
 
 
+def parse_shapes(text: str, model: MultiTokenModel) -> list[DynamicShape]:
+    """Comma-separated TOP_KxBEAM shapes (`--dynamic`), all of the model's draft heads deep;
+    checked before any decoding: a model without token-conditioned heads is refused."""
+    shapes = [DynamicShape.parse(x.strip(), model.n_future - 1)
+              for x in text.split(",") if x.strip()]
+    if shapes and not model.conditioned:
+        raise ConfigError("--dynamic: dynamic trees need token_conditioned heads")
+    return shapes
+
+
 class RowTree:
     """One step's trees, one per row, from group_node [B, G] (the node each sibling group hangs
     off; group 0: the root): parents, paths, the tree mask, verification and what follows it."""
@@ -204,32 +214,28 @@ class RowTree:
         final = torch.where((g >= 0)[:, None], stop[rows, g.clamp(min=0)], probs[rows, acc])
         return acc, sample(final, generator)
 
-    def step_out(self, inp: Tensor, nxt: Tensor, acc: Tensor) -> StepOut:
-        """What a step that accepted node acc [B] appends: its path's tokens, then nxt."""
+    def accept(self, cache: KVCache, base: Tensor, inp: Tensor, h0: Tensor, nxt: Tensor,
+               acc: Tensor) -> tuple[StepOut, Tensor]:
+        """After verification, for the accepted nodes acc [B] (roots at base [B]; the fed
+        tokens inp [B, N+1], head 1's outputs there h0 [B, N+1, D], the next tokens nxt [B]):
+        move the accepted paths' keys/values from node slots to position slots and return
+        (what the step appends: the path's tokens then nxt, head 1's outputs along the path
+        [B, K+1, D], root first; past the path whatever: `refresh` does not read it)."""
         K, n = self.shape.depth, self.shape.size + 1
-        rows = torch.arange(inp.shape[0], device=inp.device)
+        rows = torch.arange(acc.shape[0], device=acc.device)
+        d = torch.arange(1, K + 1, device=acc.device)
+        src = self.path_nodes[rows, acc]  # [B, K]; past the path: slot index d
         depth = self.t["depth"][acc]
-        path = torch.cat([self.path_nodes[rows, acc], torch.zeros_like(acc)[:, None]], 1)
-        col = torch.arange(K + 1, device=inp.device)
+        col = torch.arange(K + 1, device=acc.device)
+        path = torch.cat([src, torch.zeros_like(acc)[:, None]], 1)
         idx = torch.where(col[None] < depth[:, None], path, n)  # n: the bonus
         tokens = torch.cat([inp, nxt[:, None]], 1).gather(1, idx)
         tried = depth + (self.node_group[rows, acc] >= 0).long()
-        return StepOut(tokens, depth, tried, acc)
-
-    def path_outputs(self, h0: Tensor, acc: Tensor) -> Tensor:
-        """Head 1's outputs at the nodes h0 [B, N+1, D] -> along the accepted path [B, K+1, D]
-        (root first; past the path: whatever, `refresh` does not read it)."""
-        rows = torch.arange(acc.shape[0], device=acc.device)
-        path = torch.cat([torch.zeros_like(acc)[:, None], self.path_nodes[rows, acc]], 1)
-        return h0.gather(1, path[..., None].expand(-1, -1, h0.shape[-1]))
-
-    def compact(self, cache: KVCache, base: Tensor, acc: Tensor) -> None:
-        """Move the accepted path's keys/values from node slots to position slots."""
-        rows = torch.arange(acc.shape[0], device=acc.device)
-        d = torch.arange(1, self.shape.depth + 1, device=acc.device)
-        src = self.path_nodes[rows, acc]
+        along = torch.cat([torch.zeros_like(acc)[:, None], src], 1)
+        h_path = h0.gather(1, along[..., None].expand(-1, -1, h0.shape[-1]))
         if not bool((src == d).all()):
             cache.copy_slots(base[:, None] + src, base[:, None] + d)
+        return StepOut(tokens, depth, tried, acc), h_path
 
 
 class DynamicDrafter:
@@ -330,7 +336,5 @@ class DynamicDecoder(ConditionedDecoder):
                                   rt.context(cache, pos, kv_len))
         acc, nxt = rt.verify(self.engine.logits(fwd.h0), inp, self.drafts.q, self.sampling,
                              self.generator)
-        out = rt.step_out(inp, nxt, acc)
-        h0 = rt.path_outputs(fwd.h0, acc)
-        rt.compact(cache, pos, acc)
+        out, h0 = rt.accept(cache, pos, inp, fwd.h0, nxt, acc)
         return out, nxt, h0
